@@ -1,0 +1,1 @@
+"""GPTQ checkpoints: int4 packing, the layer math, reading and writing."""

@@ -1,0 +1,1 @@
+"""Run per-rank folders: model forward, collectives, launcher."""

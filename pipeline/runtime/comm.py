@@ -1,0 +1,88 @@
+"""The one place collectives happen, so tests can count them.
+
+`DistComm` wraps torch.distributed (gloo on CPU, NCCL on GPU). `ThreadGroup` runs all ranks as threads of one process,
+summing in rank order, for the simulated-TP reference: the same model code, no processes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import torch
+
+
+class Comm:
+    """Counts every collective by name; subclasses do the communication."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.counts: Counter[str] = Counter()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self.counts["all_reduce"] += 1
+        return t if self.world_size == 1 else self._all_reduce(t)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's `t` along the last dimension, in rank order."""
+        self.counts["all_gather"] += 1
+        return t if self.world_size == 1 else self._all_gather(t)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DistComm(Comm):
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        self._dist, self._group = dist, group
+        super().__init__(dist.get_rank(group), dist.get_world_size(group))
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        self._dist.all_reduce(t, group=self._group)
+        return t
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, t.contiguous(), group=self._group)
+        return torch.cat(parts, dim=-1)
+
+
+class ThreadGroup:
+    """A process group made of threads: `comm(r)` is rank r's communicator."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self._barrier = threading.Barrier(world_size)
+        self._slots: list[torch.Tensor | None] = [None] * world_size
+
+    def comm(self, rank: int) -> Comm:
+        return _ThreadComm(self, rank)
+
+    def exchange(self, rank: int, t: torch.Tensor) -> list[torch.Tensor]:
+        self._slots[rank] = t
+        self._barrier.wait()
+        parts = list(self._slots)
+        self._barrier.wait()  # nobody overwrites a slot before everyone has read them
+        return parts  # type: ignore[return-value]
+
+
+class _ThreadComm(Comm):
+    def __init__(self, group: ThreadGroup, rank: int):
+        super().__init__(rank, group.world_size)
+        self._group = group
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        parts = self._group.exchange(self.rank, t)
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self._group.exchange(self.rank, t), dim=-1)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set everything up on a fresh machine, then run the demo or the tests:
+#   scripts/quickstart.sh demo [tpaware demo options]
+#   scripts/quickstart.sh test [pytest options]
+# It makes .venv (once) and installs tpaware into it. Where the Python that creates it can already import torch
+# (say a GPU box's CUDA build), the venv sees that torch and keeps it; otherwise it installs the CPU build
+# torch==2.13.0, never an unpinned torch that could pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-}
+case "$what" in demo|test) shift ;; *) echo "usage: $0 demo|test [args...]" >&2; exit 2 ;; esac
+
+python=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x .venv/bin/python ]; then
+  if "$python" -c "import torch" 2>/dev/null; then
+    "$python" -m venv --system-site-packages .venv
+  else
+    "$python" -m venv .venv
+  fi
+fi
+pip() { .venv/bin/python -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+.venv/bin/python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+torch_pin="torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+extras=hf
+[ "$what" = test ] && extras=hf,test,kernels,onnx
+# The constraint keeps whatever torch is installed; nothing may upgrade it.
+pip install -q -c <(echo "$torch_pin") -e ".[$extras]"
+if [ "$what" = demo ]; then
+  exec .venv/bin/tpaware demo "$@"
+fi
+exec .venv/bin/python -m pytest -q "$@"
