@@ -1,0 +1,33 @@
+"""Shared fixtures: small synthetic act-order checkpoints written to disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.arch import Dims
+from pipeline.gptq.checkpoint import write_checkpoint
+from pipeline.synth import synth_checkpoint
+
+TINY = {
+    "llama": Dims(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=96),
+    "gpt_bigcode": Dims(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=1, vocab=96),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> callable:
+    """`tiny_checkpoint(model_type, **synth_kwargs)` -> folder of a written synthetic checkpoint (cached)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(model_type: str = "llama", **kwargs) -> Path:
+        key = (model_type, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{model_type}-ckpt")
+            kwargs.setdefault("group_size", 32)
+            write_checkpoint(folder, synth_checkpoint(model_type, TINY[model_type], **kwargs))
+            cache[key] = folder
+        return cache[key]
+
+    return make
