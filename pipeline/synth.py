@@ -43,6 +43,8 @@ def act_order_g_idx(k: int, group_size: int, generator: torch.Generator) -> torc
 
 def synth_layer(k: int, n: int, group_size: int, sym: bool, generator: torch.Generator, desc_act: bool = True,
                 bias: bool = False) -> QuantLinear:
+    """One random layer [k, n]; group_size -1 means one group over all k rows, as in GPTQ."""
+    group_size = k if group_size == -1 else group_size
     g_idx = (act_order_g_idx(k, group_size, generator) if desc_act
              else (torch.arange(k) // group_size).to(torch.int32))
     weight = torch.randn(k, n, generator=generator) * k**-0.5
