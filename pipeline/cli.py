@@ -111,6 +111,205 @@ def synth(
     console.print(f"wrote [bold]{out}[/]: {arch} {dims}")
 
 
+_KERNEL_HELP = "On CUDA, quantized matmuls use the W4A16 kernel (plugins); --no-kernel: dequantize + matmul."
+_MODE_HELP = ("tpaware (no gathers of activations), naive (AllGather the MLP intermediate, reorder, take the local "
+              "chunk) or local-sort (down rows in checkpoint order, sorted per rank).")
+
+
+@app.command()
+def run(
+    engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
+    prompt_ids: Annotated[str | None, typer.Option(help="Token ids, comma-separated; ';' between prompts.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Text prompt (needs tokenizer files in the folder).")] = None,
+    max_tokens: int = 16,
+    mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "tpaware",
+    device: Annotated[str, typer.Option(help="cpu (gloo) or cuda (NCCL, one GPU per rank).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or float64.")] = "float32",
+    kernel: Annotated[bool, typer.Option(help=_KERNEL_HELP)] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds before every rank is stopped.")] = 600.0,
+) -> None:
+    """Greedy generation at the folder's tp, one process per rank; prints the tokens and the collectives issued."""
+    from pipeline.rankfolder import read_manifest
+    from pipeline.runtime.generate import parse_ids, tokenizer
+    from pipeline.runtime.launch import RankSetup, dtype_of, generate
+
+    if (prompt is None) == (prompt_ids is None):
+        _fail("give exactly one of --prompt-ids and --prompt")
+    manifest = _run(read_manifest, engine)
+    tok = _run(tokenizer, engine) if prompt is not None else None
+    ids = tok(prompt, return_tensors="pt").input_ids if tok else _run(parse_ids, prompt_ids, manifest["dims"]["vocab"])
+    start = time.perf_counter()
+    setup = RankSetup(str(engine), mode, device, _run(dtype_of, dtype), kernel)
+    gen, counts = _run(generate, setup, ids, max_tokens, timeout)
+    for row in gen.tokens.tolist():
+        console.print(repr(tok.decode(row)) if tok else " ".join(map(str, row)), highlight=False)
+    console.print(f"tp={manifest['tp']} mode={mode} device={device}: {max_tokens} tokens in "
+                  f"{time.perf_counter() - start:.1f} s (with start-up); collectives on rank 0: {dict(counts[0])}")
+
+
+@app.command()
+def validate(
+    engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
+    mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "tpaware",
+    device: Annotated[str, typer.Option(help="cpu (gloo) or cuda (NCCL, one GPU per rank).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Runtime dtype: float32, float16, bfloat16 or float64.")] = "float32",
+    ref_dtype: Annotated[str, typer.Option(help="dtype of the transformers reference (on the CPU).")] = "float64",
+    prompt_ids: Annotated[str | None, typer.Option(help="Token ids (default: 2 random prompts of 16).")] = None,
+    max_tokens: int = 8,
+    max_abs_err: Annotated[float | None, typer.Option(help="Largest |logit error| (default: by dtype).")] = None,
+    min_cosine: Annotated[float | None, typer.Option(help="Smallest per-position cosine (default: by dtype).")] = None,
+    min_top1: Annotated[float | None, typer.Option(help="Top-1 agreement (default: by dtype).")] = None,
+    max_tie_margin: Annotated[float | None, typer.Option(
+        help="Greedy tokens may differ only where the reference's top two logits are this close "
+             "(default: 2 x max-abs-err; 0: identical).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="(default: <engine>/validate.json).")] = None,
+    kernel: Annotated[bool, typer.Option(help=_KERNEL_HELP)] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds before every rank is stopped.")] = 600.0,
+) -> None:
+    """Run the folder at its tp and compare with transformers' own model on the unpermuted dequantized weights."""
+    from pipeline.rankfolder import read_manifest
+    from pipeline.runtime.generate import parse_ids
+    from pipeline.runtime.launch import dtype_of
+    from pipeline.validate import thresholds_for, validate as validate_stage, write_report
+
+    manifest = _run(read_manifest, engine)
+    ids = None if prompt_ids is None else _run(parse_ids, prompt_ids, manifest["dims"]["vocab"])
+    run_dtype = _run(dtype_of, dtype)
+    limits = thresholds_for(run_dtype, max_abs_err, min_cosine, min_top1, max_tie_margin)
+    report = _run(validate_stage, engine, mode=mode, device=device, dtype=run_dtype, ids=ids, max_tokens=max_tokens,
+                  ref_dtype=_run(dtype_of, ref_dtype), thresholds=limits, timeout=timeout, kernel=kernel)
+    matmul = "W4A16 kernel" if report.kernel else "dequantize+matmul"
+    table = Table(title=f"{engine}  tp={report.tp}  mode={mode}  {device} {dtype} ({matmul})  "
+                        f"vs transformers ({ref_dtype})")
+    for column in ("check", "value", "bound", "result"):
+        table.add_column(column)
+    for check in report.checks:
+        table.add_row(check.name, check.value, check.bound, "[green]pass[/]" if check.ok else "[red]FAIL[/]")
+    per_layer = ", ".join(f"{k} {v:g}" for k, v in report.collectives_per_layer.items())
+    table.add_row("collectives per layer per forward", per_layer, "", "")
+    console.print(table)
+    out = json_path or engine / "validate.json"
+    _run(write_report, report, out)
+    verdict = "[green]passed[/]" if report.passed else "[red]FAILED[/]: " + "; ".join(report.failures)
+    console.print(f"wrote {out}: {verdict}")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+export_app = typer.Typer(help="Export a per-rank folder for other runtimes.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+def _onnx_dir(engine: Path, onnx: Path | None) -> Path:
+    from pipeline.export.onnx import default_onnx_dir
+
+    return onnx or default_onnx_dir(engine)
+
+
+@export_app.command("onnx")
+def export_onnx(
+    engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: <ENGINE>-onnx beside it].")] = None,
+) -> None:
+    """ONNX graphs (opset 21, fp32 activations, INT4 weights): the whole model at tp=1, per rank and layer at tp>1."""
+    from pipeline.export.onnx import export_onnx as export_stage
+
+    out = _onnx_dir(engine, out)
+    info = _run(export_stage, engine, out)
+    if info["tensorrt_problem"]:
+        console.print(f"[yellow]warning:[/] exported for onnxruntime only, TensorRT cannot take it: "
+                      f"{info['tensorrt_problem']}", highlight=False)
+    console.print(f"wrote [bold]{out}[/]: {len(info['graphs'])} graph(s), tp={info['tp']}, for "
+                  f"{' and '.join(info['backends'])}; collectives per rank: {info['collectives_per_rank'] or 'none'}")
+
+
+@app.command()
+def compare(
+    engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
+    onnx: Annotated[Path | None, typer.Option(help="Export folder [default: <ENGINE>-onnx beside it].")] = None,
+    batch: int = 1,
+    seq: int = 16,
+    iterations: int = 2,
+    seed: int = 0,
+) -> None:
+    """Polygraphy: onnxruntime on the exported graphs vs the PyTorch rank model, per layer and end to end."""
+    from pipeline.compare import COMMANDS_FILE, OUTPUT_DIR, compare as compare_stage
+
+    onnx = _onnx_dir(engine, onnx)
+    checks = _run(compare_stage, engine, onnx, batch=batch, seq=seq, iterations=iterations, seed=seed)
+    table = Table(title=f"{onnx} (onnxruntime) vs {engine} (PyTorch, fp32)")
+    for column in ("check", "max |error|", "relative to max |ref|", "atol / rtol", "result"):
+        table.add_column(column)
+    for c in checks:
+        table.add_row(c.name, f"{c.max_abs:.2e}", f"{c.max_abs / c.scale:.2e}", f"{c.atol:g} / {c.rtol:g}",
+                      "[green]pass[/]" if c.passed else "[red]FAIL[/]")
+    console.print(table)
+    console.print(f"from the shell: sh {onnx / OUTPUT_DIR / COMMANDS_FILE}", highlight=False)
+    if not all(c.passed for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+def build(
+    engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
+    backend: Annotated[str, typer.Option(help="tensorrt (from the ONNX export) or trtllm.")] = "tensorrt",
+    onnx: Annotated[Path | None, typer.Option(help="ONNX export [default: <ENGINE>-onnx beside it].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Engine folder [default: the backend's, beside ENGINE].")] = None,
+    max_batch: int = 8,
+    max_seq: int = 2048,
+) -> None:
+    """Build engines: one TensorRT engine per exported graph (needs TensorRT 10 and a GPU), or TensorRT-LLM's."""
+    from pipeline.build import build as build_stage
+
+    built = _run(build_stage, engine, backend, _onnx_dir(engine, onnx), out, max_batch=max_batch, max_seq=max_seq)
+    console.print(f"wrote [bold]{built}[/]")
+
+
+@export_app.command("trtllm")
+def export_trtllm(
+    engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
+    sm: Annotated[int | None, typer.Option(help="GPU architecture the weights are laid out for (90: H100).")] = None,
+    no_preprocess: Annotated[bool, typer.Option(
+        "--no-preprocess", help="Plain int8 [K, N/2] packing, for inspection (trtllm-build cannot load it).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: <ENGINE>-trtllm-ckpt beside it].")] = None,
+) -> None:
+    """TensorRT-LLM unified checkpoint (engine-era releases 0.2x-1.2.x) per rank, with the gathering model class."""
+    from pipeline.export.trtllm import default_checkpoint_dir, export_trtllm as export_stage
+
+    if (sm is None) != no_preprocess:
+        _fail("pass one of --sm <SM> (e.g. 90 for H100; needs tensorrt_llm importable) and --no-preprocess")
+    out = out or default_checkpoint_dir(engine)
+    config = _run(export_stage, engine, out, sm,
+                  track=lambda it: track(it, description="writing rank file(s)", console=console))
+    console.print(f"wrote [bold]{out}[/]: {config['architecture']} tp={config['mapping']['tp_size']}, "
+                  f"{len(config['tpaware']['gather'])} gathering linear(s), weights for "
+                  f"{'SM ' + str(sm) if sm else 'inspection only (--no-preprocess)'}")
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(
+        help="Hugging Face fp model folder, or 'smollm2' for the embedded SmolLM2-135M-Instruct.")],
+    bits: Annotated[int, typer.Option(help="Weight bits (tpaware reads 4).")] = 4,
+    group_size: Annotated[int, typer.Option(help="Rows per quantization group; 64 divides every SmolLM2 shard.")] = 64,
+    desc_act: Annotated[bool, typer.Option(help="Act order: quantize rows by decreasing activation energy.")] = True,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (v1 'gptq' file) or asymmetric "
+                                                           "(written as 'gptq_v2').")] = True,
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder [default: engines/<name>-gptq-w<bits>g<group>[-act]-<sym|asym>].")] = None,
+) -> None:
+    """Quantize to act-order GPTQ with GPTQModel on CPU; a cached result with the same inputs is reused."""
+    from pipeline.quantize import quantize_model
+
+    start = time.perf_counter()
+    folder, stamp = _run(quantize_model, model, ENGINES, out, bits, group_size, desc_act, sym)
+    calib = stamp["calibration"]
+    console.print(f"{'reused cached' if stamp['cached'] else 'wrote'} [bold]{folder}[/] in "
+                  f"{time.perf_counter() - start:.1f} s: GPTQModel {stamp['gptqmodel']}, "
+                  f"{stamp['settings']['checkpoint_format']} format, calibration {calib['samples']} x "
+                  f"{calib['tokens'] // calib['samples']} tokens")
+
+
 def main() -> None:
     app()
 

@@ -173,4 +173,4 @@ def _qkv_columns(arch: Arch, dims: Dims, heads: list[RankHeads]) -> list[list[to
 
 
 def _is_identity(perm: torch.Tensor) -> bool:
-    return bool(torch.equal(perm, torch.arange(perm.numel())))
+    return bool(torch.equal(perm, torch.arange(perm.numel(), device=perm.device)))

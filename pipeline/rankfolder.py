@@ -7,7 +7,9 @@
 
 Per quantized layer `<L>` a rank file holds `<L>.qweight` int32 [K/8, N], `<L>.qzeros` int32 [G, N/8] (v2: stored zero
 = z), `<L>.scales` [G, N], optional `<L>.bias`, `<L>.in_perm` int64 [K] when the layer gathers its input, and
-`<L>.g_idx` int32 [K] only when its groups are not contiguous (the general path).
+`<L>.g_idx` int32 [K] only when its groups are not contiguous (the general path), and where the shard sits in the
+original layer: `<L>.rows` int64 [K] (original input row of each stored row), `<L>.cols` int64 [N] (original output
+column of each stored column) and `<L>.groups` int64 [G] (original group of each stored group).
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from pipeline.atomic import atomic_directory
 from pipeline.errors import InputError
-from pipeline.gptq.checkpoint import sha256_file
+from pipeline.gptq.checkpoint import save_tensors, sha256_file
 
 SCHEMA = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -40,8 +41,7 @@ def write_rank_folder(dest: Path, manifest: dict, ranks: Iterable[dict[str, torc
     with atomic_directory(dest) as tmp:
         files = {}
         for r, tensors in enumerate(track(ranks)):
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / rank_file(r)),
-                      metadata={"format": "pt"})
+            save_tensors(tensors, tmp / rank_file(r))
             files[rank_file(r)] = sha256_file(tmp / rank_file(r))
         for name in TOKENIZER_FILES if copy_from else ():
             if (copy_from / name).is_file():
@@ -64,8 +64,9 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def read_rank(folder: Path, r: int, verify: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of rank r; `verify` checks the file's sha256 against the manifest first."""
+def read_rank(folder: Path, r: int, verify: bool = False,
+              wanted: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of rank r (only those `wanted` says, when given); `verify` checks the sha256 against the manifest."""
     path = Path(folder) / rank_file(r)
     if verify:
         expected = read_manifest(folder)["files"].get(rank_file(r))
@@ -73,7 +74,7 @@ def read_rank(folder: Path, r: int, verify: bool = False) -> dict[str, torch.Ten
             raise InputError("sha256 does not match manifest.json: the file changed after conversion", file=path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+            return {name: f.get_tensor(name) for name in f.keys() if wanted is None or wanted(name)}
     except FileNotFoundError:
         raise InputError("missing", file=path) from None
     except Exception as e:

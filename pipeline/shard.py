@@ -53,7 +53,23 @@ def rank_tensors(ckpt: Checkpoint, plan: Plan, r: int) -> dict[str, torch.Tensor
         out.update({f"{name}.{k}": v for k, v in packed.items()})
         if layer_plan.in_perm[r] is not None:
             out[f"{name}.in_perm"] = layer_plan.in_perm[r]
+        out.update({f"{name}.{k}": v for k, v in shard_index(ckpt.layers[name], layer_plan, r).items()})
     return out
+
+
+def shard_index(layer: QuantLinear, layer_plan: LayerPlan, r: int) -> dict[str, torch.Tensor]:
+    """Where rank r's shard sits in the original layer: its input rows, output columns and groups (int64).
+
+    With them every original layer is rebuilt bit-exactly from the rank files (`pipeline.runtime.reshard`), which
+    validation and the baseline runtime modes need; nothing else reads the source checkpoint again.
+    """
+    rows = layer_plan.rows[r].long()
+    cols = layer_plan.cols[r]
+    return {
+        "rows": rows,
+        "cols": torch.arange(layer.out_features) if cols is None else cols.long(),
+        "groups": torch.unique(layer.g_idx.long()[rows]),  # sorted: the order `select` numbers groups in
+    }
 
 
 def manifest(ckpt: Checkpoint, dims: Dims, plan: Plan) -> dict:

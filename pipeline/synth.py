@@ -42,11 +42,13 @@ def act_order_g_idx(k: int, group_size: int, generator: torch.Generator) -> torc
 
 
 def synth_layer(k: int, n: int, group_size: int, sym: bool, generator: torch.Generator, desc_act: bool = True,
-                bias: bool = False) -> QuantLinear:
-    """One random layer [k, n]; group_size -1 means one group over all k rows, as in GPTQ."""
+                bias: bool = False, g_idx: torch.Tensor | None = None) -> QuantLinear:
+    """One random layer [k, n]; group_size -1 means one group over all k rows, as in GPTQ. Pass `g_idx` to share an
+    act order with another layer."""
     group_size = k if group_size == -1 else group_size
-    g_idx = (act_order_g_idx(k, group_size, generator) if desc_act
-             else (torch.arange(k) // group_size).to(torch.int32))
+    if g_idx is None:
+        g_idx = (act_order_g_idx(k, group_size, generator) if desc_act
+                 else (torch.arange(k) // group_size).to(torch.int32))
     weight = torch.randn(k, n, generator=generator) * k**-0.5
     layer = quantize_rtn(weight, g_idx, group_size, sym)
     if bias:
@@ -71,8 +73,13 @@ def hf_config(model_type: str, dims: Dims) -> dict:
 
 
 def synth_checkpoint(model_type: str, dims: Dims, group_size: int = 64, sym: bool = False,
-                     checkpoint_format: str = "gptq", desc_act: bool = True, seed: int = 0) -> Checkpoint:
-    """A whole random act-order GPTQ model; GPTBigCode gets multi-query attention (one kv head) and biases."""
+                     checkpoint_format: str = "gptq", desc_act: bool = True, seed: int = 0,
+                     shared_act_order: bool = True) -> Checkpoint:
+    """A whole random act-order GPTQ model; GPTBigCode gets multi-query attention (one kv head) and biases.
+
+    Layers that read the same input (q/k/v, gate/up) share one act order by default, as in GPTQ, whose order comes
+    from the Hessian of the layer's input; `shared_act_order=False` draws one per layer (the harder case for us).
+    """
     arch = ARCHES[model_type]
     if arch is GPT_BIGCODE and dims.kv_heads != 1:
         raise ValueError("GPTBigCode here is multi-query: kv_heads must be 1")
@@ -85,8 +92,13 @@ def synth_checkpoint(model_type: str, dims: Dims, group_size: int = 64, sym: boo
     shapes[arch.mlp_out] = (dims.intermediate, dims.hidden)
     layers, dense = {}, {}
     for i in range(dims.layers):
+        shared: dict[tuple[str, ...], torch.Tensor] = {}
         for n, (k, out) in shapes.items():
-            layers[layer_name(arch, i, n)] = synth_layer(k, out, group_size, sym, gen, desc_act, bias=bigcode)
+            inputs = next((group for group in (arch.qkv, arch.mlp_in) if n in group), (n,))
+            layer = synth_layer(k, out, group_size, sym, gen, desc_act, bias=bigcode,
+                                g_idx=shared.get(inputs) if shared_act_order else None)
+            shared.setdefault(inputs, layer.g_idx)
+            layers[layer_name(arch, i, n)] = layer
         for norm in arch.norms:
             dense[f"{layer_name(arch, i, norm)}.weight"] = (1 + 0.1 * torch.randn(dims.hidden, generator=gen)).half()
             if bigcode:

@@ -20,7 +20,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip() { .venv/bin/python -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-torch_pin="torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+torch_pin="torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)"
 extras=hf
 [ "$what" = test ] && extras=hf,test,kernels,onnx
 # The constraint keeps whatever torch is installed; nothing may upgrade it.

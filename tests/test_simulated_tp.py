@@ -34,17 +34,15 @@ def test_whole_model_matches_reference(tiny_checkpoint, tmp_path, model_type, tp
     _check(src, tmp_path / "tp", tp, torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(tp)))
 
 
-@pytest.mark.parametrize("options", [
-    {"group_size": 128},  # K_down / tp = 64 rows at tp 4: the MLP trick is infeasible, local-sort fallback
-    {"group_size": -1, "desc_act": False},
-    {"group_size": 64, "desc_act": False, "sym": True, "checkpoint_format": "gptq_v2"},
+@pytest.mark.parametrize("options, down_policy", [
+    ({"group_size": 128}, "local-sort"),  # K_down / tp = 64 rows at tp 4: MLP trick infeasible, local-sort fallback
+    ({"group_size": -1, "desc_act": False}, "local-sort"),
+    ({"group_size": 64, "desc_act": False, "sym": True, "checkpoint_format": "gptq_v2"}, "tpaware"),
+    ({"group_size": 32, "shared_act_order": False}, "tpaware"),  # q/k/v and gate/up each with their own act order
 ])
-def test_other_group_layouts(tiny_checkpoint, tmp_path, options):
+def test_other_group_layouts(tiny_checkpoint, tmp_path, options, down_policy):
     src = tiny_checkpoint("llama", **options)
     manifest = convert(src, 4, tmp_path / "tp")
-    down = manifest["layers"]["model.layers.0.mlp.down_proj"]
-    if options["group_size"] == 64:
-        assert down["policy"] == "tpaware"
-    else:
-        assert down["policy"] == "local-sort" and manifest["warnings"]
+    assert manifest["layers"]["model.layers.0.mlp.down_proj"]["policy"] == down_policy
+    assert bool(manifest["warnings"]) == (down_policy == "local-sort")
     _check(src, tmp_path / "tp", 4, torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(1)))

@@ -109,12 +109,12 @@ def write_checkpoint(folder: Path, ckpt: Checkpoint, max_shard_bytes: int | None
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         shards = _split(tensors, max_shard_bytes)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_tensors(shards[0], tmp / "model.safetensors")
             return
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            save_tensors(shard, tmp / name)
             weight_map.update(dict.fromkeys(shard, name))
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
@@ -134,6 +134,19 @@ def pack_layer(layer: QuantLinear, checkpoint_format: str = "gptq_v2") -> dict[s
     if layer.bias is not None:
         out["bias"] = layer.bias
     return out
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, after giving every tensor its own contiguous storage (it refuses shared memory, and
+    layers that share an act order share their g_idx tensor)."""
+    seen: set[int] = set()
+    owned = {}
+    for name, t in tensors.items():
+        t = t.contiguous()
+        key = t.untyped_storage().data_ptr()
+        owned[name] = t.clone() if key in seen else t
+        seen.add(key)
+    save_file(owned, str(path), metadata={"format": "pt"})
 
 
 def fingerprint(folder: Path) -> str:

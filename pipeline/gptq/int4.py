@@ -15,28 +15,28 @@ _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     """int32 [K/8, N] -> uint8 [K, N]: the k-th row is nibble k % 8 of packed row k // 8."""
     rows, cols = packed.shape
-    nibbles = (packed.to(torch.int32).unsqueeze(1) >> _SHIFTS.view(1, 8, 1)) & 0xF
+    nibbles = (packed.to(torch.int32).unsqueeze(1) >> _SHIFTS.to(packed.device).view(1, 8, 1)) & 0xF
     return nibbles.reshape(rows * 8, cols).to(torch.uint8)
 
 
 def pack_rows(values: torch.Tensor) -> torch.Tensor:
     """uint8 [K, N] (0..15, K % 8 == 0) -> int32 [K/8, N]; the inverse of `unpack_rows`."""
     k, n = values.shape
-    grouped = values.to(torch.int64).reshape(k // 8, 8, n) << _SHIFTS.to(torch.int64).view(1, 8, 1)
+    grouped = values.to(torch.int64).reshape(k // 8, 8, n) << _SHIFTS.to(values.device, torch.int64).view(1, 8, 1)
     return _to_int32(grouped.sum(dim=1))
 
 
 def unpack_cols(packed: torch.Tensor) -> torch.Tensor:
     """int32 [G, N/8] -> uint8 [G, N]: column n is nibble n % 8 of packed column n // 8."""
     rows, cols = packed.shape
-    nibbles = (packed.to(torch.int32).unsqueeze(2) >> _SHIFTS.view(1, 1, 8)) & 0xF
+    nibbles = (packed.to(torch.int32).unsqueeze(2) >> _SHIFTS.to(packed.device).view(1, 1, 8)) & 0xF
     return nibbles.reshape(rows, cols * 8).to(torch.uint8)
 
 
 def pack_cols(values: torch.Tensor) -> torch.Tensor:
     """uint8 [G, N] (0..15, N % 8 == 0) -> int32 [G, N/8]; the inverse of `unpack_cols`."""
     g, n = values.shape
-    grouped = values.to(torch.int64).reshape(g, n // 8, 8) << _SHIFTS.to(torch.int64).view(1, 1, 8)
+    grouped = values.to(torch.int64).reshape(g, n // 8, 8) << _SHIFTS.to(values.device, torch.int64).view(1, 1, 8)
     return _to_int32(grouped.sum(dim=2))
 
 

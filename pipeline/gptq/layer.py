@@ -49,7 +49,7 @@ def act_order_perm(g_idx: torch.Tensor) -> torch.Tensor:
 
 def has_whole_groups(g_idx: torch.Tensor, group_size: int) -> bool:
     """True when row k belongs to group k // group_size: groups are contiguous, in order, exactly `group_size` rows."""
-    expected = torch.arange(g_idx.numel(), dtype=torch.long) // group_size
+    expected = torch.arange(g_idx.numel(), dtype=torch.long, device=g_idx.device) // group_size
     return bool(torch.equal(g_idx.long(), expected))
 
 

@@ -1,11 +1,21 @@
-"""Quantized linears as the runtime calls them: gather the input where the plan says, then multiply."""
+"""Quantized linears as the runtime calls them: gather the input where the plan says, then multiply.
+
+`quant_linear` is the one place a quantized matmul is chosen: on CUDA, the W4A16 kernel op of `plugins.ops` when it
+imports and accepts the layer; everywhere else (and as the reference) the exact path, `Linear`, which dequantizes
+once into the compute dtype. Both read the same v2 tensors the rank file stores.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from pipeline.gptq.checkpoint import pack_layer
 from pipeline.gptq.int4 import unpack_cols, unpack_rows
-from pipeline.gptq.layer import QuantLinear, dequantize
+from pipeline.gptq.layer import QuantLinear, dequantize, has_whole_groups
+from pipeline.runtime.comm import Comm
+from pipeline.runtime.model import LinearFn
 
 
 def shard_layer(tensors: dict[str, torch.Tensor], name: str, group_size: int) -> QuantLinear:
@@ -40,3 +50,63 @@ class Linear:
             x = x[..., self.in_perm]
         y = x @ self.weight
         return y if self.bias is None else y + self.bias
+
+
+class KernelLinear:
+    """The same layer through `plugins.ops.w4a16_linear`: packed weights stay packed, the kernel gathers `in_perm`."""
+
+    def __init__(self, op: Callable, weights: dict[str, torch.Tensor], group_size: int,
+                 in_perm: torch.Tensor | None, g_idx: torch.Tensor | None, bias: torch.Tensor | None):
+        self.op, self.weights, self.group_size = op, weights, group_size
+        self.in_perm, self.g_idx, self.bias = in_perm, g_idx, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.weights, self.group_size, self.in_perm, self.g_idx, self.bias)
+
+
+class GatheredLinear:
+    """The naive baseline's row-parallel input: AllGather every rank's slice, reorder the full width, keep ours.
+
+    `index` holds the original input rows of this rank's shard, so `all_gather(x)[..., index]` is the paper's
+    "reorder by P2, take the local chunk" in one full-width index: the AllGather and that index are what the TP-aware
+    layout removes.
+    """
+
+    def __init__(self, comm: Comm, index: torch.Tensor, inner: LinearFn):
+        self.comm, self.index, self.inner = comm, index, inner
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.comm.all_gather(x)[..., self.index])
+
+
+def quant_linear(layer: QuantLinear, in_perm: torch.Tensor | None, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", kernel: bool = True) -> LinearFn:
+    """The layer as the runtime multiplies it: the W4A16 kernel on CUDA when available, else the exact `Linear`."""
+    op = kernel_op() if kernel and torch.device(device).type == "cuda" else None
+    linear = None if op is None else kernel_linear(op, layer, in_perm, dtype, device)
+    return linear or Linear.from_quant(layer, in_perm, dtype, device)
+
+
+def kernel_linear(op: Callable, layer: QuantLinear, in_perm: torch.Tensor | None, dtype: torch.dtype,
+                  device: torch.device | str) -> KernelLinear | None:
+    """`layer` for `op` (`plugins.ops.w4a16_linear`), or None when the kernel does not take its layout."""
+    from plugins.layout import to_kernel_layout
+
+    packed = pack_layer(layer, "gptq_v2")
+    try:
+        weights = to_kernel_layout(packed["qweight"], packed["qzeros"], packed["scales"], layer.group_size)
+    except (TypeError, ValueError):  # e.g. bf16 scales or group_size -1
+        return None
+    g_idx = None if has_whole_groups(layer.g_idx, layer.group_size) else layer.g_idx.to(device)
+    bias = None if layer.bias is None else layer.bias.to(device, dtype)
+    return KernelLinear(op, {k: v.to(device) for k, v in weights.items()}, layer.group_size,
+                        None if in_perm is None else in_perm.to(device), g_idx, bias)
+
+
+def kernel_op() -> Callable | None:
+    """`plugins.ops.w4a16_linear`, or None where the plugin package is absent."""
+    try:
+        from plugins.ops import w4a16_linear
+    except ImportError:
+        return None
+    return w4a16_linear

@@ -2,7 +2,8 @@
 
 The same code runs the unpermuted reference (tp=1, dense weights) and every rank of a converted model: a rank holds
 its heads' share of q/k/v and its slice of the MLP, and the only communication is `comm.all_reduce` after o_proj and
-after down_proj (c_proj). Under the TP-aware plan nothing is ever gathered.
+after down_proj (c_proj). Under the TP-aware plan nothing is ever gathered; the naive baseline's AllGather lives in
+its down linear (`pipeline.runtime.linear.GatheredLinear`).
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ class Transformer:
         return self._norm(layer_name(self.arch, i, self.arch.norms[which]), x)
 
     def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dense[f"{name}.weight"]
+        """LayerNorm or RMSNorm, computed in at least fp32 (as HF does): a squared fp16 activation overflows."""
+        weight, wide = self.dense[f"{name}.weight"], x.to(_at_least_fp32(x.dtype))
         if self.arch is GPT_BIGCODE:
             eps = self.config.get("layer_norm_epsilon", 1e-5)
-            return F.layer_norm(x, (x.shape[-1],), weight, self.dense[f"{name}.bias"], eps)
+            bias = self.dense[f"{name}.bias"]
+            return F.layer_norm(wide, (x.shape[-1],), weight.to(wide.dtype), bias.to(wide.dtype), eps).to(x.dtype)
         eps = self.config.get("rms_norm_eps", 1e-6)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+        return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
     def linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.linears[layer_name(self.arch, i, name)](x)
@@ -100,16 +103,26 @@ class Transformer:
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotary embedding, HF Llama convention (halves rotated, not interleaved pairs)."""
-        if self.config.get("rope_scaling"):
-            raise NotImplementedError("rope_scaling is not supported yet")
         d = x.shape[-1]
-        theta = float(self.config.get("rope_theta", 10000.0))
-        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
-        angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1)
+        angles = rope_angles(self.config, positions, d)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         x1, x2 = x[..., : d // 2], x[..., d // 2:]
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_theta(config: dict) -> float:
+    """RoPE's base from a HF config: top-level `rope_theta` (transformers 4) or `rope_parameters` (transformers 5)."""
+    params = config.get("rope_parameters") or {}
+    if config.get("rope_scaling") or params.get("rope_type", "default") != "default":
+        raise NotImplementedError("scaled RoPE (rope_scaling / rope_type other than default) is not supported yet")
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def rope_angles(config: dict, positions: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """RoPE angles [len(positions), head_dim] in fp64, each half repeated (the HF Llama layout)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim
+    angles = positions.to(torch.float64)[:, None] / rope_theta(config) ** exponents[None, :]
+    return torch.cat([angles, angles], dim=-1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -117,4 +130,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     t, s = q.shape[2], k.shape[2]
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+    scores = scores.masked_fill(~mask, float("-inf")).to(_at_least_fp32(q.dtype))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
