@@ -1,0 +1,121 @@
+"""Per-shape choice of `Config`: candidates, a heuristic default, timing, and a JSON cache.
+
+The choice is keyed on (device name, variant, dtype, group size, M bucket, N, K).  Tuned choices
+live in memory and can be saved to / loaded from JSON (`plugins/tuned_configs.json` ships the
+ones measured for the benchmark shapes), so a serving process need not re-tune.  No tuning
+happens during CUDA-graph capture: there the cached or heuristic choice is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from plugins.w4a16 import Config
+
+MAX_M = 64  # largest M the kernel serves; above it the op dequantizes and calls cuBLAS
+SHIPPED = Path(__file__).with_name("tuned_configs.json")
+_CACHE: dict[str, Config] = {}
+_LOADED = False
+_FLUSH: dict[int, torch.Tensor] = {}  # per device, a buffer larger than any L2, zeroed between timings
+
+# (block_n, block_k, num_warps, prefetch) tried per family: tiles that compile without spills
+# and without the layout conversions that some shapes trigger (scripts/gemm_sass_report.py).
+_FMA_TILES = ((64, 128, 4, False), (64, 128, 4, True), (128, 128, 8, False), (128, 128, 8, True),
+              (32, 128, 4, False), (64, 256, 4, True), (128, 256, 8, True))
+_DOT_TILES = ((64, 128, 4, False), (64, 128, 4, True), (128, 128, 4, False), (128, 128, 8, False),
+              (64, 128, 8, False))
+_STAGES = 3
+
+
+def m_bucket(m: int) -> int:
+    """Smallest power of two >= m (1, 2, 4, ..., 64): M values in one bucket share a choice."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def cache_key(device: str, variant: str, dtype: torch.dtype, group_size: int, m: int, n: int, k: int) -> str:
+    return f"{device}|{variant}|{str(dtype).removeprefix('torch.')}|g{group_size}|m{m_bucket(m)}|n{n}|k{k}"
+
+
+def _split_choices(tiles: int, steps: int, num_sms: int) -> list[int]:
+    """Split counts worth trying: enough programs to cover every SM, and twice that."""
+    split = 1
+    while tiles * split < num_sms and steps // (split * 2) >= 4:
+        split *= 2
+    more = split * 2 if steps // (split * 2) >= 4 and tiles * split < 4 * num_sms else None
+    return [split] if more is None else [split, more]
+
+
+def candidates(m: int, n: int, k: int, num_sms: int) -> list[Config]:
+    """Configs to try for one shape; the first is the untuned default."""
+    bucket = m_bucket(m)
+    families: list[tuple[int, bool, tuple[tuple[int, int, int, bool], ...]]] = []
+    if bucket == 1:  # CUDA-core FMAs: tensor cores would pad M=1 to 16 rows
+        families.append((1, False, _FMA_TILES))
+    families.append((max(16, bucket), True, _DOT_TILES))
+    if bucket > 16:  # several 16-row tiles per weight tile: lighter programs, weights from L2
+        families.append((16, True, _DOT_TILES))
+    out = []
+    for block_m, use_dot, tiles in families:
+        for block_n, block_k, warps, prefetch in tiles:
+            n_tiles = -(-n // block_n) * -(-m // block_m)
+            for split in _split_choices(n_tiles, -(-k // block_k), num_sms):
+                out.append(Config(block_m, block_n, block_k, split, use_dot, prefetch, warps, _STAGES))
+    return out
+
+
+def lookup(key: str) -> Config | None:
+    """Cached choice for `key`; the shipped JSON is merged in on first use."""
+    if not _LOADED and SHIPPED.exists():
+        load(SHIPPED)
+    return _CACHE.get(key)
+
+
+def choose(key: str, cands: list[Config], run: Callable[[Config], None]) -> Config:
+    """Cached choice, else (outside graph capture, unless TPAWARE_AUTOTUNE=0) time every candidate."""
+    hit = lookup(key)
+    if hit is not None:
+        return hit
+    if torch.cuda.is_current_stream_capturing() or os.environ.get("TPAWARE_AUTOTUNE", "1") == "0":
+        return cands[0]
+    best = min(cands, key=lambda c: time_us(lambda: run(c)))
+    _CACHE[key] = best
+    return best
+
+
+def time_us(fn: Callable[[], None], warmup: int = 3, reps: int = 30) -> float:
+    """Median device time of `fn` in microseconds, L2 flushed before each run (CUDA events)."""
+    device = torch.cuda.current_device()
+    if device not in _FLUSH:
+        _FLUSH[device] = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    flush = _FLUSH[device]
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def save(path: Path) -> None:
+    """Write every cached choice to `path` as JSON."""
+    path.write_text(json.dumps({k: asdict(c) for k, c in sorted(_CACHE.items())}, indent=1) + "\n")
+
+
+def load(path: Path) -> None:
+    """Merge choices from a JSON file written by `save` (entries already cached win)."""
+    global _LOADED
+    _LOADED = True
+    for key, fields in json.loads(path.read_text()).items():
+        _CACHE.setdefault(key, Config(**fields))

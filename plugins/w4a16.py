@@ -1,0 +1,257 @@
+"""Triton kernels for Y[M, N] = X[M, K] @ dequant(W4)[K, N], decode-sized M (1 to 64).
+
+One kernel, specialised by constexpr flags into the variants:
+
+* contiguous groups (group of row k is k // GROUP_SIZE), optionally gathering X[:, perm] on load;
+* general `g_idx` (per-row group lookup), the slow baseline: scales and zeros are gathered per
+  nibble instead of once per tile row;
+* USE_DOT picks tensor cores (`tl.dot`, the X tile padded to 16 rows) or, for M = 1 only,
+  CUDA-core FMAs that sum the 8 nibbles of a word inside one thread;
+* SPLIT_K > 1 splits K across programs; each writes an fp32 partial, and the last program of a
+  tile (found with an atomic counter that it resets afterwards) sums them in split order, so the
+  result is deterministic and no extra kernel (memset, reduction) is launched.
+
+Dequantization avoids the slow int-to-float conversion.  Nibble i is masked in place (no
+shift), leaving the integer 16^e q (e = i % 4).  The dot path ORs it into the mantissa of 2^23,
+the float 2^23 + 16^e q exactly, and subtracts 2^23 + 16^e z: 16^e (q - z), exact in fp16/bf16.
+The FMA path reads the masked bits as the fp32 subnormal 16^e q 2^-149 and multiplies it by X
+pre-scaled by 2^64 / 16^e: one LOP3 and one FFMA per weight; zero and scale come once per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+DENORM_X = tl.constexpr(2.0**64)  # FMA path: X scale that lifts (X * subnormal nibble) to normal range
+DENORM_UNDO = tl.constexpr(2.0**85)  # 2^149 / 2^64: turns the accumulated sum back into x * q
+MAGIC = tl.constexpr(0x4B000000)  # bit pattern of 2.0**23; OR-ing a value < 2**23 into it gives 2**23 + value
+
+
+@triton.jit
+def _group_meta(scales_ptr, qzeros_ptr, grp, offs_n, mask, N):
+    """fp32 (scale, zero point) for groups `grp` and columns `offs_n` (broadcastable)."""
+    s = tl.load(scales_ptr + grp * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    packed = tl.load(qzeros_ptr + grp * (N // 8) + offs_n // 8, mask=mask, other=0)
+    z = (packed >> ((offs_n % 8) * 4)) & 0xF
+    return s, (z | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _nibble_bits(q, q_hi, i: tl.constexpr):
+    """Nibble i of every word masked in place (no shift): the integer 16^(i % 4) * nibble.
+
+    Nibbles 4..7 come from `q_hi = q >> 16`, one shift per word, so the bits stay below bit 16:
+    16^3 * 15 < 65504 keeps 16^e * (q - z) exact in fp16 as well as bf16.
+    """
+    if i < 4:
+        bits = q & (0xF << (4 * i))
+    else:
+        bits = q_hi & (0xF << (4 * (i - 4)))
+    return bits
+
+
+@triton.jit
+def _load_words(qweight_ptr, rows, offs_n, row_end, mask_n, N):
+    """The [len(rows), BLOCK_N] int32 weight tile, zero outside rows < row_end and the N mask."""
+    mask = (rows < row_end)[:, None] & mask_n[None, :]
+    return tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def w4a16_kernel(
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
+    out_ptr, ws_ptr, lock_ptr,
+    M, N, K, stride_xm, stride_om, magic,
+    GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K,
+):
+    """One [BLOCK_M, BLOCK_N] output tile over one K range (all of K unless SPLIT_K > 1).
+
+    Each K step loads a [ROWS, BLOCK_N] int32 tile and takes it apart into 8 nibble planes
+    (plane i holds rows k = 8r + i), each multiplied with the matching stride-8 slice of X, so
+    no nibble moves between threads.  Planes e and e + 4 share the factor 16^e and one scale
+    multiply.  The FMA path (BLOCK_M == 1) sums the 8 nibbles of a word inside each thread.
+    `magic` is 2^23's bit pattern passed at run time, so ptxas keeps it in a register and fuses
+    mask and OR into one LOP3 (two immediates cannot share one).
+    """
+    ROWS: tl.constexpr = BLOCK_K // 8  # packed int32 rows per K step
+    # One group per K step: the dot takes the exact integers q - z and the scale multiplies the
+    # [BLOCK_M, BLOCK_N] product once per step instead of every weight.
+    SCALE_AFTER: tl.constexpr = (not HAS_GIDX) and BLOCK_K <= GROUP_SIZE
+    pid_m = tl.program_id(0)  # fastest-varying: the M tiles of one weight tile run together (L2 reuse)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    steps = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    first = pid_k * per_split
+    last = tl.minimum(first + per_split, steps)
+
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+
+    row_end = tl.minimum(last * ROWS, K // 8)
+    if PREFETCH:
+        q_next = _load_words(qweight_ptr, first * ROWS + offs_r, offs_n, row_end, mask_n, N)
+    for step in range(first, last):
+        rows = step * ROWS + offs_r
+        mask_r = rows < K // 8
+        mask_w = mask_r[:, None] & mask_n[None, :]
+        if PREFETCH:  # issue the next step's weight load before this step's arithmetic
+            q = q_next
+            q_next = _load_words(qweight_ptr, rows + ROWS, offs_n, row_end, mask_n, N)
+        else:
+            q = _load_words(qweight_ptr, rows, offs_n, row_end, mask_n, N)
+        if not HAS_GIDX:
+            if BLOCK_K <= GROUP_SIZE:  # the whole step lies in one group
+                s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE,
+                                   offs_n[None, :], mask_n[None, :], N)
+            else:
+                s, z = _group_meta(scales_ptr, qzeros_ptr, (rows * 8 // GROUP_SIZE)[:, None],
+                                   offs_n[None, :], mask_w, N)
+        q_hi = q >> 16
+        if not USE_DOT:
+            part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((ROWS,), dtype=tl.float32)
+        for e in tl.static_range(4):  # nibbles e and e + 4 are both 16^e times their value
+            pow16 = 16.0 ** e
+            if USE_DOT:
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for half in tl.static_range(2):
+                i = e + 4 * half
+                k = rows * 8 + i
+                if HAS_PERM:
+                    col = tl.load(perm_ptr + k, mask=mask_r, other=0)
+                else:
+                    col = k
+                if HAS_GIDX:  # the slow path: a group lookup per nibble
+                    grp = tl.load(gidx_ptr + k, mask=mask_r, other=0)[:, None]
+                    s, z = _group_meta(scales_ptr, qzeros_ptr, grp, offs_n[None, :], mask_w, N)
+                bits = _nibble_bits(q, q_hi, i)
+                if USE_DOT or HAS_GIDX:  # OR into 2^23's mantissa: one LOP3 with `magic` in a register
+                    w = (bits | magic).to(tl.float32, bitcast=True) - (z * pow16 + 8388608.0)
+                if USE_DOT:
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :],
+                                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                    if SCALE_AFTER:
+                        part = tl.dot(x, w.to(x.dtype), part)
+                    else:
+                        acc = tl.dot(x, (w * (s * (1.0 / pow16))).to(x.dtype), acc)
+                else:
+                    x = tl.load(x_ptr + pid_m * stride_xm + col, mask=mask_r, other=0.0).to(tl.float32)
+                    if HAS_GIDX:
+                        acc += x[:, None] * (w * (s * (1.0 / pow16)))
+                    else:  # the row's 8 nibbles share zero and scale: both applied once below
+                        # bits read as fp32 are the subnormal 16^e q 2^-149, exactly; X carries
+                        # 2^64 / 16^e, so each FFMA adds x q 2^-85, a normal number
+                        part += (x * (DENORM_X / pow16))[:, None] * bits.to(tl.float32, bitcast=True)
+                        xsum += x
+            if USE_DOT and SCALE_AFTER:
+                acc += part * (s * (1.0 / pow16))
+        if not USE_DOT and not HAS_GIDX:
+            acc += (part * DENORM_UNDO - xsum[:, None] * z) * s
+
+    if USE_DOT:
+        result = acc
+    else:
+        result = tl.sum(acc, axis=0)[None, :]
+    mask_o = mask_m[:, None] & mask_n[None, :]
+    offs_o = offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_o, result.to(out_ptr.dtype.element_ty), mask=mask_o)
+    else:
+        _split_k_reduce(result, ws_ptr, lock_ptr, out_ptr, offs_o, mask_o, offs_m, offs_n, M, N,
+                        pid_k, SPLIT_K)
+
+
+@triton.jit
+def _split_k_reduce(result, ws_ptr, lock_ptr, out_ptr, offs_o, mask_o, offs_m, offs_n, M, N,
+                    pid_k, SPLIT_K):
+    """Publish this split's partial; the last split of the tile to arrive sums all and stores."""
+    offs_ws = offs_m[:, None] * N + offs_n[None, :]
+    tl.store(ws_ptr + pid_k * M * N + offs_ws, result, mask=mask_o)
+    tl.debug_barrier()  # every thread's partial is written before the counter is bumped
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        total = tl.zeros_like(result)
+        for split in range(SPLIT_K):  # fixed order: deterministic rounding
+            total += tl.load(ws_ptr + split * M * N + offs_ws, mask=mask_o, other=0.0,
+                             cache_modifier=".cg")
+        tl.store(out_ptr + offs_o, total.to(out_ptr.dtype.element_ty), mask=mask_o)
+        tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch, no memset needed
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch parameters of `w4a16_kernel` (what the tuner searches over)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    use_dot: bool
+    prefetch: bool
+    num_warps: int
+    num_stages: int
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-device split-K arrival counters; zero between launches because the last split resets them."""
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("run the split-K shape once before CUDA-graph capture")
+        buf = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+        _LOCKS[device] = buf
+    return buf
+
+
+def w4a16_matmul(
+    x: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    group_size: int,
+    config: Config,
+    in_perm: torch.Tensor | None = None,
+    g_idx: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the kernel on a contiguous [M, K] `x`; returns [M, N] in x's dtype (into `out` if given)."""
+    qweight = weights["qweight"]
+    m, k = x.shape
+    n = qweight.shape[1]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)
+    if config.split_k > 1:
+        ws = torch.empty(config.split_k, m, n, dtype=torch.float32, device=x.device)
+        locks = _locks(x.device, grid[0] * grid[1])
+    else:
+        ws = locks = out  # never touched when split_k == 1
+    w4a16_kernel[grid](
+        x, qweight, weights["qzeros"], weights["scales"],
+        qweight if in_perm is None else in_perm,
+        qweight if g_idx is None else g_idx,
+        out, ws, locks,
+        m, n, k, x.stride(0), out.stride(0), MAGIC.value,
+        GROUP_SIZE=group_size, HAS_PERM=in_perm is not None, HAS_GIDX=g_idx is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        USE_DOT=config.use_dot, PREFETCH=config.prefetch, SPLIT_K=config.split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

@@ -1,0 +1,282 @@
+"""Benchmark (and with --check, first verify) the W4A16 kernel at Llama-70B / Granite-20B shards.
+
+    python scripts/bench_gemm.py --out benchmarks/run --check
+
+For every per-rank MLP shard (tp 1/2/4/8) and M in 1..64 it times, as CUDA-graph replays over
+weight copies that together exceed the L2 several times (random data, never zeros), the median of
+many replays of: the `tpaware::w4a16_gemm` op (contiguous groups, tuned), fp16 cuBLAS
+(`F.linear`) and `torch._weight_int4pack_mm` (bf16, group 128, best innerKTiles of 2/4/8); for
+Llama tp=2 also the fused-gather and g_idx variants.  Bandwidth counts int4 + scale + zero bytes.
+Writes gemm.md, gemm.json, gemm.png and tuned_configs.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from plugins import ops, tuning  # noqa: E402  (ops registers the custom op)
+from plugins.reference import random_layer, relative_error  # noqa: E402
+from plugins.layout import dequantize  # noqa: E402
+from plugins.w4a16 import w4a16_matmul  # noqa: E402
+
+MODELS = {"llama-70b": (8192, 28672, True), "granite-20b": (6144, 24576, False)}  # hidden, inter, gated
+TPS = (1, 2, 4, 8)
+MS = (1, 2, 4, 8, 16, 32, 64)
+GROUP = 128
+TOL = 2e-3  # fp16 relative error bound for --check
+
+
+@dataclass(frozen=True)
+class Shape:
+    model: str
+    layer: str
+    tp: int
+    k: int
+    n: int
+
+    @property
+    def weight_bytes(self) -> int:
+        """int4 weights + fp16 scales + int4 zeros: what the kernel must read."""
+        groups = self.k // GROUP
+        return self.k * self.n // 2 + groups * self.n * 2 + groups * self.n // 2
+
+
+def shapes() -> list[Shape]:
+    """Per-rank MLP shards: gate+up (or up) is column-parallel, down is row-parallel."""
+    out = []
+    for model, (hidden, inter, gated) in MODELS.items():
+        for tp in TPS:
+            out.append(Shape(model, "gate_up" if gated else "up", tp, hidden, (2 if gated else 1) * inter // tp))
+            out.append(Shape(model, "down", tp, inter // tp, hidden))
+    return out
+
+
+def time_graph(make_call: Callable[[int], Callable[[], None]], copies: int, replays: int = 50) -> float:
+    """Median µs per call: a CUDA graph runs the call once on each of `copies` weight copies."""
+    for i in range(copies):  # warm-up: compile, tune, allocate outside the capture
+        make_call(i)()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            make_call(i)()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / copies)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy GB/s of 1 GiB, counting bytes read plus bytes written.
+
+    The better of cudaMemcpy (`copy_`) and an elementwise kernel (`mul(src, 1, out=dst)`).
+    """
+    src = torch.rand(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    us = min(time_graph(lambda _: (lambda: dst.copy_(src)), 1, replays=20),
+             time_graph(lambda _: (lambda: torch.mul(src, 1.0, out=dst)), 1, replays=20))
+    return 2 * src.numel() * 4 / us / 1e3
+
+
+def n_copies(bytes_per_copy: int, l2_bytes: int) -> int:
+    """Enough copies that one graph replay streams at least 4x the L2 (at least 2 copies)."""
+    return max(2, math.ceil(4 * l2_bytes / bytes_per_copy))
+
+
+def bench_shape(shape: Shape, l2: int, gen: torch.Generator, check: bool, variants: bool) -> list[dict]:
+    """All M values of one shape; returns one row per M."""
+    copies = n_copies(shape.weight_bytes, l2)
+    weights = [random_layer(shape.k, shape.n, GROUP, generator=gen)[0] for _ in range(copies)]
+    fp16 = [torch.randn(shape.n, shape.k, device="cuda", dtype=torch.float16, generator=gen) / 64
+            for _ in range(n_copies(shape.k * shape.n * 2, l2))]
+    raw = torch.randint(0, 256, (shape.n, shape.k // 2), dtype=torch.uint8, device="cuda", generator=gen)
+    int4 = {tiles: [torch._convert_weight_to_int4pack(raw, tiles) for _ in range(copies)] for tiles in (2, 4, 8)}
+    del raw
+    sz = [(torch.rand(shape.k // GROUP, shape.n, 2, device="cuda", generator=gen) / 64).to(torch.bfloat16)
+          for _ in range(copies)]
+    perm = torch.randperm(shape.k, device="cuda", generator=gen)
+    # an act-order g_idx: whole groups of 128 rows, scattered over K
+    gi = (torch.arange(shape.k, device="cuda", dtype=torch.int32) // GROUP)[
+        torch.randperm(shape.k, device="cuda", generator=gen)]
+    if check:
+        w64 = dequantize(weights[0], GROUP, dtype=torch.float64)
+        w64_gidx = dequantize(weights[0], GROUP, gi, dtype=torch.float64)
+    rows = []
+    for m in MS:
+        x = torch.randn(m, shape.k, device="cuda", generator=gen).to(torch.float16)
+        op = torch.ops.tpaware.w4a16_gemm
+
+        def ours(i, x=x):
+            w = weights[i]
+            return lambda: op(x, w["qweight"], w["qzeros"], w["scales"], GROUP)
+
+        row = {**asdict(shape), "m": m, "bytes": shape.weight_bytes, "copies": copies}
+        ours(0)()  # tunes this (shape, M bucket) outside any capture
+        key = tuning.cache_key(ops._device_info(0)[0], "contig", torch.float16, GROUP, m, shape.n, shape.k)
+        config = tuning.lookup(key)
+        row["config"] = asdict(config)
+        if check:  # the tuned config in all three variants, output poisoned with NaN first
+            for name, ref, extra in (("rel_err", w64, {}), ("rel_err_perm", w64, {"in_perm": perm}),
+                                     ("rel_err_gidx", w64_gidx, {"g_idx": gi})):
+                out = torch.full((m, shape.n), float("nan"), dtype=x.dtype, device="cuda")
+                w4a16_matmul(x, weights[0], GROUP, config, out=out, **extra)
+                xr = x[:, perm] if "in_perm" in extra else x
+                row[name] = relative_error(out, xr.double() @ ref)
+        row["us"] = time_graph(ours, copies)
+        if variants:
+            row["us_perm"] = time_graph(lambda i, x=x: (lambda: w4a16_matmul(
+                x, weights[i], GROUP, config, in_perm=perm)), copies)
+            row["us_gidx"] = time_graph(lambda i, x=x: (lambda: w4a16_matmul(
+                x, weights[i], GROUP, config, g_idx=gi)), copies)
+        row["us_cublas"] = time_graph(lambda i, x=x: (lambda: F.linear(x, fp16[i % len(fp16)])), len(fp16))
+        xb = x.to(torch.bfloat16)
+        tinygemm = {}
+        for tiles, packed in int4.items():
+            tinygemm[tiles] = time_graph(
+                lambda i, p=packed: (lambda: torch._weight_int4pack_mm(xb, p[i], GROUP, sz[i])), copies)
+        row["int4pack_inner_k_tiles"] = min(tinygemm, key=tinygemm.get)
+        row["us_int4pack"] = tinygemm[row["int4pack_inner_k_tiles"]]
+        rows.append(row)
+        print(f"{shape.model:12s} {shape.layer:8s} tp{shape.tp} K={shape.k:6d} N={shape.n:6d} M={m:3d} "
+              f"ours {row['us']:8.2f} us  cublas {row['us_cublas']:8.2f}  int4pack {row['us_int4pack']:8.2f}"
+              + (f"  err {row['rel_err']:.1e}/{row['rel_err_perm']:.1e}/{row['rel_err_gidx']:.1e}" if check else ""),
+              flush=True)
+    return rows
+
+
+def environment(argv: list[str]) -> dict:
+    """Card, driver, versions, date and the exact command, for the report header."""
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True).stdout.strip()
+    return {
+        "card": props.name, "sms": props.multi_processor_count, "l2_mb": props.L2_cache_size / 2**20,
+        "driver": driver, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(argv),
+    }
+
+
+def markdown(env: dict, copy_gbs: float, rows: list[dict]) -> str:
+    """The report: header, per-row table (µs, GB/s, % of copy, baselines)."""
+    lines = [
+        "# W4A16 GEMM benchmark",
+        "",
+        f"- card: {env['card']} ({env['sms']} SMs, L2 {env['l2_mb']:.0f} MiB), driver {env['driver']}",
+        f"- torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}",
+        f"- date: {env['date']}",
+        f"- command: `{env['command']}`",
+        f"- measured device-to-device copy: {copy_gbs:.0f} GB/s (read + write)",
+        "- time: median of 50 CUDA-graph replays, each running the call once per weight copy "
+        "(copies stream >= 4x the L2); fp16 activations, group 128, random data",
+        "- GB/s counts int4 weights + fp16 scales + int4 zeros; x and y are ignored",
+        "",
+        "| model | layer | tp | K | N | M | ours µs | GB/s | % copy | cuBLAS fp16 µs | x cuBLAS | "
+        "int4pack µs (iKT) | x int4pack | config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gbs = r["bytes"] / r["us"] / 1e3
+        cfg = r["config"]
+        cfg_s = cfg if isinstance(cfg, str) else (
+            f"{'dot' if cfg['use_dot'] else 'fma'} {cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} "
+            f"s{cfg['split_k']} w{cfg['num_warps']}{' pf' if cfg['prefetch'] else ''}")
+        lines.append(
+            f"| {r['model']} | {r['layer']} | {r['tp']} | {r['k']} | {r['n']} | {r['m']} | {r['us']:.1f} | "
+            f"{gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {r['us_cublas']:.1f} | {r['us_cublas'] / r['us']:.2f} | "
+            f"{r['us_int4pack']:.1f} ({r['int4pack_inner_k_tiles']}) | {r['us_int4pack'] / r['us']:.2f} | {cfg_s} |")
+    variant_rows = [r for r in rows if "us_perm" in r]
+    if variant_rows:
+        lines += ["", "## Variants (Llama-70B tp=2, same config)", "",
+                  "| layer | M | contiguous µs | fused gather µs | g_idx µs |", "|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['m']} | {r['us']:.1f} | {r['us_perm']:.1f} | {r['us_gidx']:.1f} |"
+                  for r in variant_rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], copy_gbs: float, path: Path) -> None:
+    """Achieved GB/s and speed-up over cuBLAS versus M, one line per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bw, sp) = plt.subplots(1, 2, figsize=(14, 5.5))
+    for shape in shapes():
+        rs = [r for r in rows if (r["model"], r["layer"], r["tp"]) == (shape.model, shape.layer, shape.tp)]
+        if not rs:
+            continue
+        style = "-" if shape.model == "llama-70b" else "--"
+        label = f"{shape.model} {shape.layer} tp{shape.tp}"
+        ms = [r["m"] for r in rs]
+        bw.plot(ms, [r["bytes"] / r["us"] / 1e3 for r in rs], style, marker="o", ms=3, label=label)
+        sp.plot(ms, [r["us_cublas"] / r["us"] for r in rs], style, marker="o", ms=3, label=label)
+        if shape.model == "llama-70b" and shape.tp == 2:
+            bw.plot(ms, [r["bytes"] / r["us_int4pack"] / 1e3 for r in rs], ":", color="gray",
+                    label=f"int4pack {shape.layer} tp2")
+    bw.axhline(copy_gbs, color="k", lw=0.8)
+    bw.axhline(0.75 * copy_gbs, color="k", lw=0.8, ls=":")
+    bw.set(xscale="log", xlabel="M", ylabel="GB/s (int4 + scales + zeros)", title="achieved bandwidth "
+           "(black: measured copy, dotted: 75%)")
+    sp.axhline(2.8, color="k", lw=0.8, ls=":")
+    sp.set(xscale="log", xlabel="M", ylabel="speed-up", title="speed-up over fp16 cuBLAS (dotted: 2.8x)")
+    bw.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for gemm.md/json/png, tuned_configs.json")
+    parser.add_argument("--check", action="store_true", help="compare with the fp64 reference at every shape")
+    parser.add_argument("--only", default="", help="substring filter on 'model layer tpN' (for quick runs)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment(sys.argv)
+    print(json.dumps(env), flush=True)
+    copy_gbs = copy_bandwidth()
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for shape in shapes():
+        if args.only not in f"{shape.model} {shape.layer} tp{shape.tp}":
+            continue
+        variants = shape.model == "llama-70b" and shape.tp == 2
+        rows += bench_shape(shape, l2, gen, args.check, variants)
+        torch.cuda.empty_cache()
+        tuning.save(args.out / "tuned_configs.json")  # after every shape: a time-out keeps the rest
+        (args.out / "gemm.json").write_text(json.dumps({"env": env, "copy_gbs": copy_gbs, "rows": rows}, indent=1))
+    (args.out / "gemm.md").write_text(markdown(env, copy_gbs, rows))
+    plot(rows, copy_gbs, args.out / "gemm.png")
+    if args.check:
+        worst = max(max(r["rel_err"], r["rel_err_perm"], r["rel_err_gidx"]) for r in rows)
+        print(f"check: worst relative error {worst:.2e} (bound {TOL})")
+        if worst > TOL:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Compile `w4a16_kernel` for sm_90 without a GPU and report what the compiler made of it.
+
+    python scripts/gemm_sass_report.py                      # the configs plugins/NOTES.md quotes
+    python scripts/gemm_sass_report.py --config 1,64,128,4,fma,pf --perm
+
+For each config: registers, stack (spill) bytes, the SASS instructions in the K loop, those
+per weight each thread handles per loop trip, barriers, and the most common opcodes.  Uses the
+ptxas/cuobjdump that ship inside the triton wheel, so it runs on the CPU-only CI machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from plugins.w4a16 import w4a16_kernel  # noqa: E402
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+DEFAULT = ("1,64,128,4,fma,pf", "1,128,128,8,fma", "16,128,128,8,dot", "16,64,128,4,dot")
+
+
+def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, perm, gidx, group_size):
+    """Compile one specialisation the way the launcher would (16-byte aligned pointers, split_k=1)."""
+    consts = dict(GROUP_SIZE=group_size, HAS_PERM=perm, HAS_GIDX=gidx, BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_K=block_k, USE_DOT=use_dot, PREFETCH=prefetch, SPLIT_K=1)
+    pointers = {"x_ptr": dtype, "out_ptr": dtype, "ws_ptr": dtype, "lock_ptr": dtype, "scales_ptr": "fp16",
+                "perm_ptr": "i64" if perm else "i32"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(w4a16_kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + pointers.get(name, "i32")
+        else:
+            sig[name] = "i32"
+        if name.endswith("_ptr") or name in ("N", "K", "stride_xm", "stride_om", "magic"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(w4a16_kernel, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+
+
+def loop_body(sass: str) -> list[str]:
+    """Instructions of the longest loop (a backward branch and everything it jumps over)."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", sass)]
+    best: list[str] = []
+    for addr, ins in lines:
+        branch = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
+        if branch and int(branch.group(1), 16) < addr:
+            body = [i for a, i in lines if int(branch.group(1), 16) <= a <= addr]
+            best = max(best, body, key=len)
+    return best
+
+
+def report(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> str:
+    parts = spec.split(",")
+    block_m, block_n, block_k, warps = map(int, parts[:4])
+    kernel = compile_sm90(block_m, block_n, block_k, warps, parts[4] == "dot", "pf" in parts[5:], dtype, perm,
+                          gidx, group_size)
+    cubin = Path("/tmp/w4a16_report.cubin")
+    cubin.write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+    sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    body = loop_body(sass)
+    ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?(\S+)", i).group(1) for i in body)
+    weights_per_thread = block_n * block_k / (32 * warps)
+    top = ", ".join(f"{op} {n}" for op, n in ops.most_common(8))
+    return (f"{spec:22s} regs {regs.group(1):>3s} stack {regs.group(2):>3s}  loop {len(body):4d} instr, "
+            f"{len(body) / weights_per_thread:5.2f}/weight, {ops['BAR.SYNC.DEFER_BLOCKING']:2d} barriers | {top}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", help="block_m,block_n,block_k,warps,fma|dot[,pf]")
+    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--perm", action="store_true", help="fused X[:, perm] gather")
+    parser.add_argument("--gidx", action="store_true", help="general g_idx path")
+    args = parser.parse_args()
+    for spec in args.config or DEFAULT:
+        print(report(spec, args.dtype, args.perm, args.gidx, args.group_size))
+
+
+if __name__ == "__main__":
+    main()

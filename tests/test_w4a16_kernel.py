@@ -1,0 +1,227 @@
+"""W4A16 kernel and op tests.
+
+Without CUDA the Triton kernels run under TRITON_INTERPRET=1 on small shapes with few programs
+and big blocks (the interpreter costs milliseconds per tile).  Every check draws fresh random
+inputs, poisons the output with NaN first, and compares with an fp64 reference.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports plugins.w4a16
+
+from plugins.layout import (
+    pack_int4_cols,
+    pack_int4_rows,
+    to_kernel_layout,
+    unpack_int4_cols,
+    unpack_int4_rows,
+)
+from plugins.ops import w4a16_linear
+from plugins.reference import random_layer, reference, relative_error
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-5}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _generator() -> tuple[torch.Generator, int]:
+    seed = random.SystemRandom().randrange(2**31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The Triton launcher; under the interpreter, works around its bf16 `tl.dot` (Triton 3.7).
+
+    The interpreter keeps bf16 as raw uint16 and multiplies the raw integers in `tl.dot`; the
+    shim upcasts both operands to fp32 (exact) first.  The kernel code itself is unchanged.
+    """
+    pytest.importorskip("triton")
+    import triton.language as tl
+
+    from plugins import w4a16
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime import interpreter
+
+        original = interpreter.InterpreterBuilder.create_dot
+
+        def create_dot(self, a, b, d, *args):
+            if a.dtype.scalar == tl.bfloat16:
+                a, b = self.cast_impl(a, tl.float32), self.cast_impl(b, tl.float32)
+            return original(self, a, b, d, *args)
+
+        interpreter.InterpreterBuilder.create_dot = create_dot
+        yield w4a16
+        interpreter.InterpreterBuilder.create_dot = original
+    else:
+        yield w4a16
+
+
+def _run_case(kernel, m, k, n, group_size, dtype, variant, config):
+    """One kernel launch on fresh random data against the fp64 reference."""
+    gen, seed = _generator()
+    weights, g_idx = random_layer(k, n, group_size, generator=gen, act_order=variant == "gidx")
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    perm = torch.randperm(k, generator=gen) if variant == "perm" else None
+    ref = reference(x, weights, group_size, perm, g_idx)
+    dev = {name: t.to(DEVICE) for name, t in weights.items()}
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    kernel.w4a16_matmul(
+        x.to(DEVICE), dev, group_size, config,
+        in_perm=None if perm is None else perm.to(DEVICE),
+        g_idx=None if g_idx is None else g_idx.to(DEVICE),
+        out=out,
+    )
+    err = relative_error(out.cpu(), ref)
+    assert err < TOL[dtype], f"relative error {err:.3g} (seed {seed}, {config})"
+    return out
+
+
+def _config(kernel, path: str, split_k: int = 1, prefetch: bool = False):
+    if path == "fma":  # M = 1 on CUDA cores
+        return kernel.Config(1, 64, 256, split_k, False, prefetch, 4, 3)
+    return kernel.Config(16, 64, 128, split_k, True, prefetch, 4, 3)
+
+
+@pytest.mark.parametrize("variant", ["contig", "perm", "gidx"])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["fma", "dot"])
+def test_kernel_matches_fp64(kernel, path, dtype, group_size, variant):
+    m = 1 if path == "fma" else 5
+    _run_case(kernel, m, 512, 64, group_size, dtype, variant, _config(kernel, path))
+
+
+@pytest.mark.parametrize("path", ["fma", "dot"])
+def test_split_k_prefetch_and_k_tail(kernel, path):
+    """K = 960 is not a multiple of the K block, split over 3 programs, prefetching."""
+    m = 1 if path == "fma" else 3
+    _run_case(kernel, m, 960, 64, 64, torch.float16, "contig", _config(kernel, path, 3, True))
+
+
+def test_split_k_is_deterministic_and_resets_counters(kernel):
+    config = _config(kernel, "dot", split_k=2)
+    gen, _ = _generator()
+    weights, _ = random_layer(512, 64, 128, generator=gen)
+    weights = {name: t.to(DEVICE) for name, t in weights.items()}
+    x = torch.randn(4, 512, generator=gen).to(torch.float16).to(DEVICE)
+    first = kernel.w4a16_matmul(x, weights, 128, config)
+    second = kernel.w4a16_matmul(x, weights, 128, config)
+    assert torch.equal(first, second)
+    assert int(kernel._LOCKS[x.device].abs().sum()) == 0
+
+
+def test_masked_m_and_n_edges(kernel):
+    """M = 17 spans two M blocks and N = 72 is not a multiple of the N block."""
+    config = kernel.Config(16, 64, 128, 1, True, False, 4, 3)
+    _run_case(kernel, 17, 256, 72, 128, torch.bfloat16, "contig", config)
+
+
+def test_reference_check_catches_wrong_nibble_order(kernel):
+    """Guard for the tests themselves: a layer read with reversed nibbles must fail the check."""
+    gen, _ = _generator()
+    weights, _ = random_layer(256, 64, 128, generator=gen)
+    q = unpack_int4_rows(weights["qweight"]).reshape(32, 8, 64).flip(1).reshape(256, 64)
+    swapped = dict(weights, qweight=pack_int4_rows(q))
+    x = torch.randn(1, 256, generator=gen).to(torch.float16)
+    out = kernel.w4a16_matmul(x.to(DEVICE), {k: t.to(DEVICE) for k, t in swapped.items()}, 128,
+                              _config(kernel, "fma"))
+    assert relative_error(out.cpu(), reference(x, weights, 128)) > 0.1
+
+
+def test_pack_roundtrip_and_nibble_order():
+    column = torch.arange(1, 9, dtype=torch.int32).view(8, 1)  # rows 0..7 hold 1..8
+    assert pack_int4_rows(column).item() == 0x87654321 - 2**32
+    assert pack_int4_cols(column.view(1, 8)).item() == 0x87654321 - 2**32
+    gen, _ = _generator()
+    q = torch.randint(0, 16, (64, 24), generator=gen, dtype=torch.uint8)
+    assert torch.equal(unpack_int4_rows(pack_int4_rows(q)), q)
+    assert torch.equal(unpack_int4_cols(pack_int4_cols(q)), q)
+
+
+def test_to_kernel_layout_validates():
+    gen, _ = _generator()
+    weights, _ = random_layer(256, 64, 64, generator=gen)
+    args = (weights["qweight"], weights["qzeros"], weights["scales"])
+    assert all(t.is_contiguous() for t in to_kernel_layout(*args, 64).values())
+    with pytest.raises(TypeError):
+        to_kernel_layout(args[0], args[1], args[2].float(), 64)
+    with pytest.raises(ValueError):
+        to_kernel_layout(*args, 48)
+    with pytest.raises(ValueError):
+        to_kernel_layout(args[0], args[1][:, :4], args[2], 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("variant", ["contig", "perm", "gidx"])
+def test_op_cpu_is_the_reference(dtype, variant):
+    gen, seed = _generator()
+    weights, g_idx = random_layer(256, 48, 32, generator=gen, act_order=variant == "gidx")
+    x = torch.randn(3, 256, generator=gen).to(dtype)
+    perm = torch.randperm(256, generator=gen) if variant == "perm" else None
+    out = torch.ops.tpaware.w4a16_gemm(
+        x, weights["qweight"], weights["qzeros"], weights["scales"], 32, perm, g_idx
+    )
+    assert out.dtype == dtype and out.shape == (3, 48)
+    assert relative_error(out, reference(x, weights, 32, perm, g_idx)) < TOL[dtype], seed
+
+
+def test_opcheck():
+    gen, _ = _generator()
+    weights, g_idx = random_layer(128, 32, 32, generator=gen, act_order=True)
+    x = torch.randn(2, 128, generator=gen).to(torch.bfloat16)
+    torch.library.opcheck(
+        torch.ops.tpaware.w4a16_gemm.default,
+        (x, weights["qweight"], weights["qzeros"], weights["scales"], 32, None, g_idx),
+    )
+
+
+def test_linear_batch_dims_bias_and_compile():
+    gen, _ = _generator()
+    weights, _ = random_layer(128, 32, 64, generator=gen)
+    x = torch.randn(2, 3, 128, generator=gen).to(torch.float16)
+    bias = torch.randn(32, generator=gen).to(torch.float16)
+    perm = torch.randperm(128, generator=gen)
+    eager = w4a16_linear(x, weights, 64, in_perm=perm, bias=bias)
+    compiled = torch.compile(w4a16_linear, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, weights, 64, in_perm=perm, bias=bias), eager)
+    ref = reference(x.reshape(6, 128), weights, 64, perm).reshape(2, 3, 32) + bias.double()
+    assert eager.shape == (2, 3, 32)
+    assert relative_error(eager, ref) < TOL[torch.float16]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 2, 16, 64, 65])
+def test_cuda_op_matches_fp64(m):
+    """The op end to end on CUDA: tuned Triton kernel for M <= 64, dequantize + cuBLAS above."""
+    gen, seed = _generator()
+    weights, _ = random_layer(1024, 512, 128, generator=gen)
+    x = torch.randn(m, 1024, generator=gen).to(torch.float16)
+    perm = torch.randperm(1024, generator=gen)
+    out = w4a16_linear(x.cuda(), {k: t.cuda() for k, t in weights.items()}, 128, in_perm=perm.cuda())
+    assert relative_error(out.cpu(), reference(x, weights, 128, perm)) < TOL[torch.float16], seed
+
+
+@cuda
+def test_cuda_graph_capture():
+    gen, _ = _generator()
+    weights, _ = random_layer(1024, 512, 128, generator=gen)
+    weights = {k: t.cuda() for k, t in weights.items()}
+    x = torch.randn(4, 1024, generator=gen).to(torch.float16).cuda()
+    eager = w4a16_linear(x, weights, 128)  # compiles and tunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = w4a16_linear(x, weights, 128)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
