@@ -178,22 +178,55 @@ def validate(
     limits = thresholds_for(run_dtype, max_abs_err, min_cosine, min_top1, max_tie_margin)
     report = _run(validate_stage, engine, mode=mode, device=device, dtype=run_dtype, ids=ids, max_tokens=max_tokens,
                   ref_dtype=_run(dtype_of, ref_dtype), thresholds=limits, timeout=timeout, kernel=kernel)
-    matmul = "W4A16 kernel" if report.kernel else "dequantize+matmul"
-    table = Table(title=f"{engine}  tp={report.tp}  mode={mode}  {device} {dtype} ({matmul})  "
-                        f"vs transformers ({ref_dtype})")
-    for column in ("check", "value", "bound", "result"):
-        table.add_column(column)
-    for check in report.checks:
-        table.add_row(check.name, check.value, check.bound, "[green]pass[/]" if check.ok else "[red]FAIL[/]")
-    per_layer = ", ".join(f"{k} {v:g}" for k, v in report.collectives_per_layer.items())
-    table.add_row("collectives per layer per forward", per_layer, "", "")
-    console.print(table)
+    console.print(_report_table(report))
     out = json_path or engine / "validate.json"
     _run(write_report, report, out)
     verdict = "[green]passed[/]" if report.passed else "[red]FAILED[/]: " + "; ".join(report.failures)
     console.print(f"wrote {out}: {verdict}")
     if not report.passed:
         raise typer.Exit(1)
+
+
+def _report_table(report) -> Table:
+    """A validation report as a table: one row per check, then the collectives the run issued."""
+    matmul = "W4A16 kernel" if report.kernel else "dequantize+matmul"
+    table = Table(title=f"{report.folder}  tp={report.tp}  mode={report.mode}  {report.device} {report.dtype} "
+                        f"({matmul})  vs transformers ({report.ref_dtype})")
+    for column in ("check", "value", "bound", "result"):
+        table.add_column(column)
+    for check in report.checks:
+        table.add_row(check.name, check.value, check.bound, "[green]pass[/]" if check.ok else "[red]FAIL[/]")
+    per_layer = ", ".join(f"{k} {v:g}" for k, v in report.collectives_per_layer.items())
+    table.add_row("collectives per layer per forward", per_layer, "", "")
+    return table
+
+
+@app.command()
+def demo(
+    model: Annotated[str, typer.Option(help="'smollm2' (embedded SmolLM2-135M-Instruct) or a HF fp model folder.")
+                     ] = "smollm2",
+    tp: Annotated[int, typer.Option(help="Ranks; SmolLM2's 9 heads and 3 kv heads allow 1 and 3.")] = 3,
+    device: Annotated[str, typer.Option(help="cpu (gloo) or cuda (NCCL, one GPU per rank).")] = "cpu",
+    prompt: str = "The capital of France is",
+    max_tokens: int = 16,
+) -> None:
+    """The whole pipeline on a real model: quantize (GPTQModel, act order) -> convert -> run tp ranks -> validate."""
+    from pipeline.demo import run_demo, write_summary
+
+    demo_run = _run(run_demo, model, tp, device, ENGINES, prompt, max_tokens,
+                    progress=lambda stage: console.print(f"[bold cyan]>[/] {stage}"))
+    console.print(f"\n[bold]prompt[/]      {demo_run.prompt!r}")
+    console.print(f"[bold]reference[/]   {demo_run.ref_text!r}   (transformers, unpermuted dequantized weights)")
+    console.print(f"[bold]tpaware[/]     {demo_run.text!r}   (tp={tp}, {device}, TP-aware per-rank files)\n")
+    console.print(_report_table(demo_run.report))
+    timings = Table("stage", "seconds", "")
+    for stage, seconds in demo_run.seconds.items():
+        timings.add_row(stage, f"{seconds:.1f}", "cached" if demo_run.cached.get(stage) else "")
+    console.print(timings)
+    summary = write_summary(demo_run)
+    console.print(f"GPTQ checkpoint: {demo_run.checkpoint}\nper-rank folder: {demo_run.engine}\nsummary: {summary}")
+    if not demo_run.report.passed:
+        _fail("the TP-aware engine does not match the reference: " + "; ".join(demo_run.report.failures))
 
 
 export_app = typer.Typer(help="Export a per-rank folder for other runtimes.", no_args_is_help=True)
@@ -293,8 +326,8 @@ def quantize(
     bits: Annotated[int, typer.Option(help="Weight bits (tpaware reads 4).")] = 4,
     group_size: Annotated[int, typer.Option(help="Rows per quantization group; 64 divides every SmolLM2 shard.")] = 64,
     desc_act: Annotated[bool, typer.Option(help="Act order: quantize rows by decreasing activation energy.")] = True,
-    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (v1 'gptq' file) or asymmetric "
-                                                           "(written as 'gptq_v2').")] = True,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (v1 'gptq' file) or asymmetric (written as "
+                                                           "'gptq_v2'; the closer model).")] = False,
     out: Annotated[Path | None, typer.Option(
         help="Output folder [default: engines/<name>-gptq-w<bits>g<group>[-act]-<sym|asym>].")] = None,
 ) -> None:
@@ -308,6 +341,69 @@ def quantize(
                   f"{time.perf_counter() - start:.1f} s: GPTQModel {stamp['gptqmodel']}, "
                   f"{stamp['settings']['checkpoint_format']} format, calibration {calib['samples']} x "
                   f"{calib['tokens'] // calib['samples']} tokens")
+
+
+bench_app = typer.Typer(help="Benchmarks on GPUs (one process per GPU, NCCL); results go to benchmarks/.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("mlp", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_mlp(ctx: typer.Context) -> None:
+    """MLP latency, naive vs local-sort vs TP-aware vs dense fp16: runs scripts/bench_mlp.py with these arguments
+    (see `python scripts/bench_mlp.py --help`)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_mlp.py"
+    if not script.is_file():
+        _fail(f"{script} not found: `tpaware bench` runs from a source checkout")
+    raise typer.Exit(subprocess.call([sys.executable, str(script), *ctx.args]))
+
+
+_SERVE_DEVICE_HELP = "cpu (a process per rank, gloo) or cuda (rank r on cuda:r, NCCL)."
+_SERVE_DTYPE_HELP = "float32, float16 or bfloat16."
+
+
+@app.command()
+def serve(
+    engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
+    host: Annotated[str, typer.Option(help="Address Triton listens on (HTTP and gRPC).")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="KServe v2 HTTP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="KServe v2 gRPC port.")] = 8001,
+    device: Annotated[str, typer.Option(help=_SERVE_DEVICE_HELP)] = "cpu",
+    dtype: Annotated[str, typer.Option(help=_SERVE_DTYPE_HELP)] = "float32",
+    exit_timeout: Annotated[int, typer.Option(help="Seconds Triton lets requests finish on shutdown.")] = 30,
+) -> None:
+    """Triton Inference Server (bundled in nvidia-pytriton, run from .venv-serve) serving the model 'tpaware' with
+    every TP rank; Ctrl-C or SIGTERM stops it and all its processes."""
+    from pipeline.rankfolder import read_manifest
+    from pipeline.serve.frontend import Settings
+    from pipeline.serve.server import Ports, serve as serve_stage
+
+    ports = Ports(host, http_port, grpc_port)
+    tp = _run(read_manifest, engine)["tp"]
+    code = _run(serve_stage, engine, ports, Settings(device=device, dtype=dtype),
+                on_ready=lambda url: console.print(f"serving [bold]{engine}[/] (tp={tp}) as model 'tpaware': HTTP "
+                                                   f"{url}, gRPC {host}:{grpc_port}; Ctrl-C stops", highlight=False),
+                exit_timeout=exit_timeout)
+    raise typer.Exit(code)
+
+
+@app.command("triton-repo")
+def triton_repo(
+    engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
+    out: Annotated[Path, typer.Option(help="Model repository folder to write.")],
+    device: Annotated[str, typer.Option(help=_SERVE_DEVICE_HELP)] = "cpu",
+    dtype: Annotated[str, typer.Option(help=_SERVE_DTYPE_HELP)] = "float32",
+) -> None:
+    """A standalone Triton model repository (Python backend model.py, config.pbtxt, the code and the engine) for any
+    `tritonserver --model-repository OUT` whose Python has torch, numpy and safetensors."""
+    from pipeline.serve.frontend import Settings
+    from pipeline.serve.repository import write_repository
+
+    model = _run(write_repository, engine, out, Settings(device=device, dtype=dtype))
+    console.print(f"wrote [bold]{out}[/]: model '{model.name}' ({model / 'config.pbtxt'}); serve it with "
+                  f"tritonserver --model-repository {out.resolve()}", highlight=False)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from pipeline.gptq.checkpoint import save_tensors, sha256_file
 
 SCHEMA = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "tokenizer.model", "vocab.json", "merges.txt")
+                   "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 def rank_file(r: int) -> str:
