@@ -26,7 +26,7 @@ def quantize_rtn(weight: torch.Tensor, g_idx: torch.Tensor, group_size: int, sym
         zeros = torch.full_like(scales, 8)
     else:
         scales = (hi - lo).clamp_min(1e-8) / 15
-        zeros = torch.round(-lo / scales).clamp(1, 15)  # >= 1 so GPTQ v1 (stored z - 1) can hold it too
+        zeros = torch.round(-lo / scales).clamp(0, 15)
     scales = scales.half()
     q = torch.round(w / scales.float()[g_idx.long()] + zeros[g_idx.long()]).clamp(0, 15)
     return QuantLinear(q=q.to(torch.uint8), zeros=zeros.to(torch.uint8), scales=scales, g_idx=g_idx.to(torch.int32),

@@ -343,14 +343,18 @@ def main() -> None:
         mp.spawn(worker, args=(tp, args, 29500 + 17 * i + os.getpid() % 1000, results), nprocs=tp, join=True)
         rows += json.loads(Path(results).read_text())
         Path(results).unlink()
+        if args.device == "cuda":  # after every tp, so a run cut short still leaves its finished rows
+            write_results(args.out, environment(), rows)
     if args.device == "cpu":
         print("\n".join(f"{r['model']} tp={r['tp']} {r['mode']}: rel err {r['check_rel_err']:.2e}" for r in rows))
         return
-    env = environment()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    Path(f"{args.out}.md").write_text(markdown(env, rows))
-    print(markdown(env, rows))
+    print(markdown(environment(), rows))
+
+
+def write_results(out: Path, env: dict, rows: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    Path(f"{out}.md").write_text(markdown(env, rows))
 
 
 if __name__ == "__main__":

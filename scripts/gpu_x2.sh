@@ -16,12 +16,13 @@ if ! python3 -c "import typer, rich" 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpus.csv"
 start=$SECONDS
-python3 scripts/bench_mlp.py --tp 1,2 --m 1,2,4,8,16 --reps 200 --out "$out/mlp" > "$out/mlp.log" 2>&1
+timeout "${BENCH_TIMEOUT:-300}" python3 scripts/bench_mlp.py --tp 1,2 --m 1,2,4,8,16 --reps 200 --out "$out/mlp" \
+  > "$out/mlp.log" 2>&1
 echo "== bench: exit $?, $((SECONDS - start)) s"
 tail -60 "$out/mlp.log"
 start=$SECONDS
 work=$(mktemp -d)
-COLUMNS=160 bash scripts/gpu_validate.sh "$work" > "$out/validate.log" 2>&1
+COLUMNS=160 timeout "${VALIDATE_TIMEOUT:-240}" bash scripts/gpu_validate.sh "$work" > "$out/validate.log" 2>&1
 echo "== validate: exit $?, $((SECONDS - start)) s"
 tar czf "$out/validate-reports.tar.gz" -C "$work" $(cd "$work" && ls validate-*.json 2>/dev/null)
 grep -E "^==|PASSED|FAILED|pass|FAIL|Error|error" "$out/validate.log" | tail -40

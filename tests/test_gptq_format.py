@@ -85,3 +85,21 @@ def test_v1_stores_zero_minus_one(tmp_path):
     config = json.loads((tmp_path / "v1" / "config.json").read_text())
     assert config["quantization_config"]["checkpoint_format"] == "gptq"
     assert bool((read_checkpoint(tmp_path / "v1").layers["model.layers.0.mlp.down_proj"].zeros == 8).all())
+
+
+def test_v1_zero_of_zero_borrows_from_its_neighbour_and_reads_back(tmp_path):
+    # GPTQ v1 writers subtract 0x11111111 from the packed word: z = 0 wraps and borrows from the next nibble.
+    dims = Dims(hidden=64, intermediate=128, layers=1, heads=2, kv_heads=2, vocab=32)
+    ckpt = synth_checkpoint("llama", dims, group_size=32, sym=False, checkpoint_format="gptq")
+    name = "model.layers.0.mlp.down_proj"
+    layer = ckpt.layers[name]
+    zeros = layer.zeros.clone()
+    zeros[0, :8] = torch.tensor([0, 5, 0, 0, 15, 1, 0, 9], dtype=torch.uint8)
+    ckpt.layers[name] = type(layer)(layer.q, zeros, layer.scales, layer.g_idx, layer.group_size)
+    write_checkpoint(tmp_path / "v1", ckpt)
+    from safetensors.torch import load_file
+
+    word = int(load_file(str(tmp_path / "v1" / "model.safetensors"))[f"{name}.qzeros"][0, 0]) & 0xFFFFFFFF
+    expected = (sum(int(z) << (4 * i) for i, z in enumerate(zeros[0, :8])) - 0x11111111) % 2**32
+    assert word == expected
+    assert torch.equal(read_checkpoint(tmp_path / "v1").layers[name].zeros, zeros)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from pipeline.atomic import atomic_directory
 from pipeline.errors import InputError
-from pipeline.gptq.int4 import pack_cols, pack_rows, unpack_cols, unpack_rows
+from pipeline.gptq.int4 import pack_cols, pack_rows, unpack_cols, unpack_rows, v1_to_v2_zeros, v2_to_v1_zeros
 from pipeline.gptq.layer import QuantLinear
 
 GROUP_SIZES = (32, 64, 128, -1)
@@ -121,13 +121,10 @@ def write_checkpoint(folder: Path, ckpt: Checkpoint, max_shard_bytes: int | None
 
 def pack_layer(layer: QuantLinear, checkpoint_format: str = "gptq_v2") -> dict[str, torch.Tensor]:
     """The GPTQ tensors of one layer: qweight, qzeros (v1 stores z - 1), scales, g_idx and bias if any."""
-    offset = 1 if checkpoint_format == "gptq" else 0
-    stored = layer.zeros.to(torch.int16) - offset
-    if stored.min() < 0 or stored.max() > 15:
-        raise ValueError(f"zero points out of range for {checkpoint_format}: {layer.zeros.min()}..{layer.zeros.max()}")
+    qzeros = pack_cols(layer.zeros)
     out = {
         "qweight": pack_rows(layer.q),
-        "qzeros": pack_cols(stored.to(torch.uint8)),
+        "qzeros": v2_to_v1_zeros(qzeros) if checkpoint_format == "gptq" else qzeros,
         "scales": layer.scales,
         "g_idx": layer.g_idx.to(torch.int32),
     }
@@ -241,9 +238,7 @@ def _unpack_layer(prefix: str, tensors: dict, files: dict, quant: QuantConfig) -
     bias = tensors.get(f"{prefix}.bias")
     if bias is not None and list(bias.shape) != [n]:
         raise fail("bias", f"shape {list(bias.shape)} does not match N={n}")
-    zeros = unpack_cols(qzeros)
-    if quant.checkpoint_format == "gptq":
-        zeros = zeros + 1  # v1 stores z - 1
+    zeros = unpack_cols(v1_to_v2_zeros(qzeros) if quant.checkpoint_format == "gptq" else qzeros)
     return QuantLinear(q=unpack_rows(qweight), zeros=zeros, scales=scales, g_idx=g_idx.to(torch.int32),
                        group_size=group_size, bias=bias)
 

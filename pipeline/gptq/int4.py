@@ -40,6 +40,21 @@ def pack_cols(values: torch.Tensor) -> torch.Tensor:
     return _to_int32(grouped.sum(dim=2))
 
 
+# GPTQ v1 files store every zero point minus one, subtracted from the packed int32 word as a whole (as GPTQModel and
+# AutoGPTQ write them): a zero point of 0 borrows from its neighbour, so the offset is undone per word, not per nibble.
+_V1_ZERO_OFFSET = 0x11111111
+
+
+def v1_to_v2_zeros(packed: torch.Tensor) -> torch.Tensor:
+    """Packed GPTQ v1 qzeros (stored z - 1) -> packed v2 qzeros (stored z)."""
+    return _to_int32((packed.to(torch.int64) + _V1_ZERO_OFFSET) & 0xFFFFFFFF)
+
+
+def v2_to_v1_zeros(packed: torch.Tensor) -> torch.Tensor:
+    """Packed v2 qzeros -> packed v1 qzeros; the inverse of `v1_to_v2_zeros` for every word."""
+    return _to_int32((packed.to(torch.int64) - _V1_ZERO_OFFSET) & 0xFFFFFFFF)
+
+
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
     """Reinterpret unsigned 32-bit sums (held in int64) as int32, wrapping the sign bit like C does."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)

@@ -13,11 +13,8 @@ import torch
 
 @dataclass(frozen=True)
 class QuantLinear:
-    """An unpacked 4-bit GPTQ layer.
-
-    `zeros` holds the true zero point z (v2 semantics). A GPTQ v1 file stores z - 1, so a v1 zero can read as 16; the
-    reader keeps it and the v2 packer refuses it, instead of silently wrapping it to 0.
-    """
+    """An unpacked 4-bit GPTQ layer. `zeros` holds the true zero point z, 0..15 (v2 semantics; the reader undoes
+    GPTQ v1's stored z - 1)."""
 
     q: torch.Tensor  # uint8 [K, N], values 0..15
     zeros: torch.Tensor  # uint8 [G, N]
