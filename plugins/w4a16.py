@@ -5,22 +5,25 @@ One kernel, specialised by constexpr flags into the variants:
 * contiguous groups (group of row k is k // GROUP_SIZE), optionally gathering X[:, perm] on load;
 * general `g_idx` (per-row group lookup), the slow baseline: scales and zeros are gathered per
   nibble instead of once per tile row;
-* USE_DOT picks tensor cores (`tl.dot`, the X tile padded to 16 rows) or, for M = 1 only,
-  CUDA-core FMAs that sum the 8 nibbles of a word inside one thread;
+* USE_DOT picks tensor cores (one `tl.dot` per K step, computed transposed as W^T X^T so the
+  weights are the wide wgmma operand and X, padded to 16 rows, the narrow one) or, for M = 1
+  only, CUDA-core FMAs that sum the 8 nibbles of a word inside one thread;
 * SPLIT_K > 1 splits K across programs; each writes an fp32 partial, and the last program of a
   tile (found with an atomic counter that it resets afterwards) sums them in split order, so the
   result is deterministic and no extra kernel (memset, reduction) is launched.
 
-Dequantization avoids the slow int-to-float conversion.  Nibble i is masked in place (no
-shift), leaving the integer 16^e q (e = i % 4).  The dot path ORs it into the mantissa of 2^23,
-the float 2^23 + 16^e q exactly, and subtracts 2^23 + 16^e z: 16^e (q - z), exact in fp16/bf16.
-The FMA path reads the masked bits as the fp32 subnormal 16^e q 2^-149 and multiplies it by X
-pre-scaled by 2^64 / 16^e: one LOP3 and one FFMA per weight; zero and scale come once per row.
+Dequantization avoids the slow int-to-float conversion; both paths multiply the raw nibbles,
+read as tiny floats, and apply zero point and scale once per group and column afterwards.
+The dot path masks nibbles e and e + 4 of a word into its two 16-bit halves (one shift and one
+LOP3 per two weights), which read as fp16 are the subnormals q 2^-24 (bf16: the normal numbers
+(128 + q) 2^-133); X's K order is permuted to match.  The FMA path masks nibble i in place,
+the integer 16^e q (e = i % 4), reads it as the fp32 subnormal 16^e q 2^-149 and multiplies
+it by X pre-scaled by 2^64 / 16^e: one LOP3 and one FFMA per weight.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -29,23 +32,51 @@ import triton.language as tl
 DENORM_X = tl.constexpr(2.0**64)  # FMA path: X scale that lifts (X * subnormal nibble) to normal range
 DENORM_UNDO = tl.constexpr(2.0**85)  # 2^149 / 2^64: turns the accumulated sum back into x * q
 MAGIC = tl.constexpr(0x4B000000)  # bit pattern of 2.0**23; OR-ing a value < 2**23 into it gives 2**23 + value
+# dot path, OR-ed into both 16-bit halves of the masked words (see _unpack_words)
+PAIR_MAGIC = {torch.float16: 0, torch.bfloat16: 0x00800080}
+
+
+@triton.jit
+def _zero_points(qzeros_ptr, grp, offs_n, mask, N):
+    """int32 zero points (0..15) for groups `grp` and columns `offs_n` (broadcastable)."""
+    packed = tl.load(qzeros_ptr + grp * (N // 8) + offs_n // 8, mask=mask, other=0)
+    return (packed >> ((offs_n % 8) * 4)) & 0xF
 
 
 @triton.jit
 def _group_meta(scales_ptr, qzeros_ptr, grp, offs_n, mask, N):
     """fp32 (scale, zero point) for groups `grp` and columns `offs_n` (broadcastable)."""
     s = tl.load(scales_ptr + grp * N + offs_n, mask=mask, other=0.0).to(tl.float32)
-    packed = tl.load(qzeros_ptr + grp * (N // 8) + offs_n // 8, mask=mask, other=0)
-    z = (packed >> ((offs_n % 8) * 4)) & 0xF
+    z = _zero_points(qzeros_ptr, grp, offs_n, mask, N)
     return s, (z | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _unpack_words(q, magic, dtype: tl.constexpr):
+    """[.., ROWS] words -> [.., ROWS, 4, 2] tiny floats (OFFSET + nibble) * 2^-P, exact.
+
+    Flattened to [.., BLOCK_K], column 8r + c holds nibble PAIR_ORDER[c] = c // 2 + 4 (c % 2) of word r: masking a word
+    with 0x000F000F keeps nibbles e and e + 4 in its two 16-bit halves.  Read as fp16, a half
+    is the subnormal nibble * 2^-24; in bf16, OR-ing `magic` = 0x00800080 makes each half the
+    normal (128 + nibble) * 2^-133 (tensor cores may flush bf16 subnormals).  Mask and OR are
+    one LOP3 (`magic` in a register), so one shift and one LOP3 per two weights.  The halves
+    become tensor elements with no arithmetic: the joins only add register dimensions, so the
+    nibbles stay in the thread that loaded the word.
+    """
+    p0 = (q & 0x000F000F) | magic
+    p1 = ((q >> 4) & 0x000F000F) | magic
+    p2 = ((q >> 8) & 0x000F000F) | magic
+    p3 = ((q >> 12) & 0x000F000F) | magic
+    w = tl.join(tl.join(p0, p2), tl.join(p1, p3))  # [.., 2, 2]: flattened, nibble pair e
+    w = tl.join(w.to(tl.int16), (w >> 16).to(tl.int16))  # [.., 4 (e), 2 (low, high half)]
+    return w.to(dtype, bitcast=True)
 
 
 @triton.jit
 def _nibble_bits(q, q_hi, i: tl.constexpr):
     """Nibble i of every word masked in place (no shift): the integer 16^(i % 4) * nibble.
 
-    Nibbles 4..7 come from `q_hi = q >> 16`, one shift per word, so the bits stay below bit 16:
-    16^3 * 15 < 65504 keeps 16^e * (q - z) exact in fp16 as well as bf16.
+    Nibbles 4..7 come from `q_hi = q >> 16`, one shift per word, so the bits stay below bit 16.
     """
     if i < 4:
         bits = q & (0xF << (4 * i))
@@ -72,17 +103,19 @@ def w4a16_kernel(
 ):
     """One [BLOCK_M, BLOCK_N] output tile over one K range (all of K unless SPLIT_K > 1).
 
-    Each K step loads a [ROWS, BLOCK_N] int32 tile and takes it apart into 8 nibble planes
-    (plane i holds rows k = 8r + i), each multiplied with the matching stride-8 slice of X, so
-    no nibble moves between threads.  Planes e and e + 4 share the factor 16^e and one scale
-    multiply.  The FMA path (BLOCK_M == 1) sums the 8 nibbles of a word inside each thread.
-    `magic` is 2^23's bit pattern passed at run time, so ptxas keeps it in a register and fuses
-    mask and OR into one LOP3 (two immediates cannot share one).
+    Each K step loads a [ROWS, BLOCK_N] int32 tile (ROWS = BLOCK_K / 8).
+    * dot path (`_dot_step`): the tile is expanded in registers to W^T [BLOCK_N, BLOCK_K]
+      (nibble pairs, X gathered in the same K order) and multiplied with X^T by one `tl.dot`;
+      with one group per step, zero point and scale are applied to the fp32 product once.
+    * FMA path (BLOCK_M == 1): nibble plane i (rows 8r + i) multiplies the stride-8 slice of X
+      and each thread sums the 8 nibbles of its words; zero and scale come once per row.
+    `magic` is passed at run time (2^23's bit pattern for the FMA path's g_idx variant,
+    PAIR_MAGIC for the dot path), so ptxas keeps it in a register and fuses mask and OR into
+    one LOP3 (two immediates cannot share one).
     """
     ROWS: tl.constexpr = BLOCK_K // 8  # packed int32 rows per K step
-    # One group per K step: the dot takes the exact integers q - z and the scale multiplies the
-    # [BLOCK_M, BLOCK_N] product once per step instead of every weight.
-    SCALE_AFTER: tl.constexpr = (not HAS_GIDX) and BLOCK_K <= GROUP_SIZE
+    # One group per K step: zero and scale are one [1, BLOCK_N] row for the whole step.
+    ONE_GROUP: tl.constexpr = (not HAS_GIDX) and BLOCK_K <= GROUP_SIZE
     pid_m = tl.program_id(0)  # fastest-varying: the M tiles of one weight tile run together (L2 reuse)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -97,8 +130,8 @@ def w4a16_kernel(
     first = pid_k * per_split
     last = tl.minimum(first + per_split, steps)
 
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_DOT:  # transposed, [N, M]: the weights are the dot's first operand (see _dot_step)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
 
@@ -114,57 +147,18 @@ def w4a16_kernel(
             q_next = _load_words(qweight_ptr, rows + ROWS, offs_n, row_end, mask_n, N)
         else:
             q = _load_words(qweight_ptr, rows, offs_n, row_end, mask_n, N)
-        if not HAS_GIDX:
-            if BLOCK_K <= GROUP_SIZE:  # the whole step lies in one group
-                s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE,
-                                   offs_n[None, :], mask_n[None, :], N)
-            else:
-                s, z = _group_meta(scales_ptr, qzeros_ptr, (rows * 8 // GROUP_SIZE)[:, None],
-                                   offs_n[None, :], mask_w, N)
-        q_hi = q >> 16
-        if not USE_DOT:
-            part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-            xsum = tl.zeros((ROWS,), dtype=tl.float32)
-        for e in tl.static_range(4):  # nibbles e and e + 4 are both 16^e times their value
-            pow16 = 16.0 ** e
-            if USE_DOT:
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for half in tl.static_range(2):
-                i = e + 4 * half
-                k = rows * 8 + i
-                if HAS_PERM:
-                    col = tl.load(perm_ptr + k, mask=mask_r, other=0)
-                else:
-                    col = k
-                if HAS_GIDX:  # the slow path: a group lookup per nibble
-                    grp = tl.load(gidx_ptr + k, mask=mask_r, other=0)[:, None]
-                    s, z = _group_meta(scales_ptr, qzeros_ptr, grp, offs_n[None, :], mask_w, N)
-                bits = _nibble_bits(q, q_hi, i)
-                if USE_DOT or HAS_GIDX:  # OR into 2^23's mantissa: one LOP3 with `magic` in a register
-                    w = (bits | magic).to(tl.float32, bitcast=True) - (z * pow16 + 8388608.0)
-                if USE_DOT:
-                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :],
-                                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                    if SCALE_AFTER:
-                        part = tl.dot(x, w.to(x.dtype), part)
-                    else:
-                        acc = tl.dot(x, (w * (s * (1.0 / pow16))).to(x.dtype), acc)
-                else:
-                    x = tl.load(x_ptr + pid_m * stride_xm + col, mask=mask_r, other=0.0).to(tl.float32)
-                    if HAS_GIDX:
-                        acc += x[:, None] * (w * (s * (1.0 / pow16)))
-                    else:  # the row's 8 nibbles share zero and scale: both applied once below
-                        # bits read as fp32 are the subnormal 16^e q 2^-149, exactly; X carries
-                        # 2^64 / 16^e, so each FFMA adds x q 2^-85, a normal number
-                        part += (x * (DENORM_X / pow16))[:, None] * bits.to(tl.float32, bitcast=True)
-                        xsum += x
-            if USE_DOT and SCALE_AFTER:
-                acc += part * (s * (1.0 / pow16))
-        if not USE_DOT and not HAS_GIDX:
-            acc += (part * DENORM_UNDO - xsum[:, None] * z) * s
+        if USE_DOT:
+            acc = _dot_step(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
+                            offs_m, offs_n, mask_m, mask_n, K, N, stride_xm, GROUP_SIZE,
+                            HAS_PERM, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N)
+        else:
+            acc = _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, qzeros_ptr, scales_ptr,
+                            perm_ptr, gidx_ptr, pid_m, offs_n, mask_n, N, stride_xm, magic,
+                            GROUP_SIZE, HAS_PERM, HAS_GIDX, ONE_GROUP, BLOCK_K)
 
-    if USE_DOT:
-        result = acc
+    if USE_DOT:  # back from the rows' column order in _dot_step
+        result = tl.reshape(tl.permute(tl.reshape(tl.trans(acc), (BLOCK_M, 8, BLOCK_N // 8)), (0, 2, 1)),
+                            (BLOCK_M, BLOCK_N))
     else:
         result = tl.sum(acc, axis=0)[None, :]
     mask_o = mask_m[:, None] & mask_n[None, :]
@@ -174,6 +168,108 @@ def w4a16_kernel(
     else:
         _split_k_reduce(result, ws_ptr, lock_ptr, out_ptr, offs_o, mask_o, offs_m, offs_n, M, N,
                         pid_k, SPLIT_K)
+
+
+@triton.jit
+def _dot_step(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
+              offs_m, offs_n, mask_m, mask_n, K, N, stride_xm, GROUP_SIZE: tl.constexpr,
+              HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + (X[:, k-block] @ dequant(W[k-block]))^T for one K step on the tensor cores.
+
+    The dot takes the raw nibbles as tiny floats (see `_unpack_words`): with one group per
+    step, zero point, offset and scale are applied once to the fp32 product,
+    (q X 2^P / XS - (z + OFFSET) sum(X)) s, so no per-weight arithmetic follows the LOP3.
+    The product is computed transposed, W^T X^T: the [BLOCK_N, BLOCK_K] weights are the first
+    operand (M side, 64-row wgmma tiles, taken from registers) and X^T the narrow second one,
+    so the 16-row padding of X costs no weight traffic through shared memory.
+    """
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    if dtype == tl.float16:  # weights q 2^-24; X as is
+        XS: tl.constexpr = 1.0
+        UNDO: tl.constexpr = 2.0**24
+        OFFSET: tl.constexpr = 0.0
+    else:  # weights (128 + q) 2^-133; X 2^64 (exact) keeps the products normal in fp32
+        XS: tl.constexpr = 2.0**64
+        UNDO: tl.constexpr = 2.0**69
+        OFFSET: tl.constexpr = 128.0
+    # column c of the tile is row k_c = 8 (c // 8) + PAIR_ORDER[c % 8] (see _unpack_words)
+    c = tl.arange(0, BLOCK_K)
+    offs_k = step * BLOCK_K + (c & ~7) + ((c & 7) >> 1) + ((c & 1) << 2)
+    mask_k = offs_k < K
+    if HAS_PERM:
+        col = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+    else:
+        col = offs_k
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :],
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    # W^T row j (BLOCK_N / 8) + g is column 8g + j: the 8 adjacent columns a thread loads as
+    # one vector go to rows that differ mod 8, so a warp's 16-byte shared-memory stores of
+    # those rows (for the wgmma operand) hit different banks.  Vector-ordered rows were all
+    # equal mod 8: ncu counted 26 M store bank conflicts and the kernel ran 250 µs flat in M.
+    q = tl.reshape(tl.permute(tl.reshape(q, (BLOCK_K // 8, BLOCK_N // 8, 8)), (0, 2, 1)), (BLOCK_K // 8, BLOCK_N))
+    offs_n = tl.reshape(tl.permute(tl.reshape(offs_n, (BLOCK_N // 8, 8)), (1, 0)), (BLOCK_N,))
+    mask_n = offs_n < N
+    wt = tl.reshape(_unpack_words(tl.trans(q), magic, dtype), (BLOCK_N, BLOCK_K))  # W^T
+    if ONE_GROUP:
+        s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE, offs_n, mask_n, N)
+        x32 = x.to(tl.float32)
+        xsum = tl.sum(x32, axis=1)
+        if XS != 1.0:
+            x = (x32 * XS).to(dtype)
+        part = tl.dot(wt, tl.trans(x))
+        return acc + (part * UNDO - xsum[None, :] * (z + OFFSET)[:, None]) * s[:, None]
+    # general groups: dequantize every weight (the slow path)
+    if HAS_GIDX:
+        grp = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)[:, None]
+    else:
+        grp = (offs_k // GROUP_SIZE)[:, None]
+    s, z = _group_meta(scales_ptr, qzeros_ptr, grp, offs_n[None, :], mask_k[:, None] & mask_n[None, :], N)
+    q_int = (tl.trans(wt).to(tl.int16, bitcast=True) & 0xF).to(tl.float32)
+    return tl.dot(tl.trans(((q_int - z) * s).to(dtype)), tl.trans(x), acc)
+
+
+@triton.jit
+def _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, qzeros_ptr, scales_ptr, perm_ptr,
+              gidx_ptr, pid_m, offs_n, mask_n, N, stride_xm, magic, GROUP_SIZE: tl.constexpr,
+              HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """acc + the M = 1 products of one K step on the CUDA cores, per [ROWS, BLOCK_N] partial."""
+    if not HAS_GIDX:
+        if ONE_GROUP:  # the whole step lies in one group
+            s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE,
+                               offs_n[None, :], mask_n[None, :], N)
+        else:
+            s, z = _group_meta(scales_ptr, qzeros_ptr, (rows * 8 // GROUP_SIZE)[:, None],
+                               offs_n[None, :], mask_w, N)
+    q_hi = q >> 16
+    part = tl.zeros(q.shape, dtype=tl.float32)
+    xsum = tl.zeros((q.shape[0],), dtype=tl.float32)
+    for e in tl.static_range(4):  # nibbles e and e + 4 are both 16^e times their value
+        pow16 = 16.0 ** e
+        for half in tl.static_range(2):
+            i = e + 4 * half
+            k = rows * 8 + i
+            if HAS_PERM:
+                col = tl.load(perm_ptr + k, mask=mask_r, other=0)
+            else:
+                col = k
+            bits = _nibble_bits(q, q_hi, i)
+            x = tl.load(x_ptr + pid_m * stride_xm + col, mask=mask_r, other=0.0).to(tl.float32)
+            if HAS_GIDX:  # the slow path: a group lookup per nibble
+                grp = tl.load(gidx_ptr + k, mask=mask_r, other=0)[:, None]
+                s, z = _group_meta(scales_ptr, qzeros_ptr, grp, offs_n[None, :], mask_w, N)
+                # OR into 2^23's mantissa: one LOP3 with `magic` in a register
+                w = (bits | magic).to(tl.float32, bitcast=True) - (z * pow16 + 8388608.0)
+                acc += x[:, None] * (w * (s * (1.0 / pow16)))
+            else:  # the row's 8 nibbles share zero and scale: both applied once below
+                # bits read as fp32 are the subnormal 16^e q 2^-149, exactly; X carries
+                # 2^64 / 16^e, so each FFMA adds x q 2^-85, a normal number
+                part += (x * (DENORM_X / pow16))[:, None] * bits.to(tl.float32, bitcast=True)
+                xsum += x
+    if not HAS_GIDX:
+        acc += (part * DENORM_UNDO - xsum[:, None] * z) * s
+    return acc
 
 
 @triton.jit
@@ -233,6 +329,9 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """Launch the kernel on a contiguous [M, K] `x`; returns [M, N] in x's dtype (into `out` if given)."""
     qweight = weights["qweight"]
+    if config.use_dot and (g_idx is not None or config.block_k > group_size):
+        # the per-weight dequantization path needs far more registers and shared memory
+        config = replace(config, block_n=min(config.block_n, 64), num_stages=1)
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
@@ -248,7 +347,7 @@ def w4a16_matmul(
         qweight if in_perm is None else in_perm,
         qweight if g_idx is None else g_idx,
         out, ws, locks,
-        m, n, k, x.stride(0), out.stride(0), MAGIC.value,
+        m, n, k, x.stride(0), out.stride(0), PAIR_MAGIC[x.dtype] if config.use_dot else MAGIC.value,
         GROUP_SIZE=group_size, HAS_PERM=in_perm is not None, HAS_GIDX=g_idx is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.use_dot, PREFETCH=config.prefetch, SPLIT_K=config.split_k,

@@ -250,10 +250,16 @@ def plot(rows: list[dict], copy_gbs: float, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for gemm.md/json/png, tuned_configs.json")
+    parser.add_argument("--plot", type=Path, help="only redraw gemm.png into --out from this gemm.json "
+                        "(on a machine without matplotlib)")
     parser.add_argument("--check", action="store_true", help="compare with the fp64 reference at every shape")
     parser.add_argument("--only", default="", help="substring filter on 'model layer tpN' (for quick runs)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        saved = json.loads(args.plot.read_text())
+        plot(saved["rows"], saved["copy_gbs"], args.out / "gemm.png")
+        return
     env = environment(sys.argv)
     print(json.dumps(env), flush=True)
     copy_gbs = copy_bandwidth()
@@ -270,7 +276,10 @@ def main() -> None:
         tuning.save(args.out / "tuned_configs.json")  # after every shape: a time-out keeps the rest
         (args.out / "gemm.json").write_text(json.dumps({"env": env, "copy_gbs": copy_gbs, "rows": rows}, indent=1))
     (args.out / "gemm.md").write_text(markdown(env, copy_gbs, rows))
-    plot(rows, copy_gbs, args.out / "gemm.png")
+    try:
+        plot(rows, copy_gbs, args.out / "gemm.png")
+    except ImportError:
+        print("no matplotlib: draw gemm.png elsewhere with --plot gemm.json")
     if args.check:
         worst = max(max(r["rel_err"], r["rel_err_perm"], r["rel_err_gidx"]) for r in rows)
         print(f"check: worst relative error {worst:.2e} (bound {TOL})")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from plugins.w4a16 import w4a16_kernel  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-DEFAULT = ("1,64,128,4,fma,pf", "1,128,128,8,fma", "16,128,128,8,dot", "16,64,128,4,dot")
+DEFAULT = ("1,64,128,4,fma,pf", "1,128,128,8,fma", "16,128,128,4,dot", "16,128,128,8,dot")
 
 
 def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, perm, gidx, group_size):
@@ -74,7 +74,8 @@ def report(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> st
     ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?(\S+)", i).group(1) for i in body)
     weights_per_thread = block_n * block_k / (32 * warps)
     top = ", ".join(f"{op} {n}" for op, n in ops.most_common(8))
-    return (f"{spec:22s} regs {regs.group(1):>3s} stack {regs.group(2):>3s}  loop {len(body):4d} instr, "
+    return (f"{spec:22s} regs {regs.group(1):>3s} stack {regs.group(2):>3s} smem {kernel.metadata.shared >> 10:3d} KiB  "
+            f"loop {len(body):4d} instr, "
             f"{len(body) / weights_per_thread:5.2f}/weight, {ops['BAR.SYNC.DEFER_BLOCKING']:2d} barriers | {top}")
 
 

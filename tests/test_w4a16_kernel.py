@@ -124,6 +124,13 @@ def test_masked_m_and_n_edges(kernel):
     _run_case(kernel, 17, 256, 72, 128, torch.bfloat16, "contig", config)
 
 
+@pytest.mark.parametrize("variant", ["contig", "perm"])
+def test_dot_wide_tile_with_n_edge(kernel, variant):
+    """BLOCK_N = 128 relabels 16 column groups (see _dot_step); N = 136 also masks a partial tile."""
+    config = kernel.Config(16, 128, 128, 2, True, False, 4, 3)
+    _run_case(kernel, 3, 512, 136, 128, torch.float16, variant, config)
+
+
 def test_reference_check_catches_wrong_nibble_order(kernel):
     """Guard for the tests themselves: a layer read with reversed nibbles must fail the check."""
     gen, _ = _generator()
