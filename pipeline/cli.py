@@ -65,7 +65,7 @@ def inspect(
 def convert(
     checkpoint: Annotated[Path, typer.Argument(help="Hugging Face GPTQ model folder.")],
     tp: Annotated[int, typer.Option(help="Tensor-parallel degree (ranks).")] = 1,
-    out: Annotated[Path | None, typer.Option(help="Output folder [default: engines/<name>-tp<N>].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: engines/<name>-tp<N>).")] = None,
     attn_policy: Annotated[str, typer.Option(
         help="o_proj under TP: 'local' (each rank sorts its own rows, keeps only its groups) or 'masked' "
              "(o_proj unsharded, zero-filled full-width input).")] = "local",
@@ -242,7 +242,7 @@ def _onnx_dir(engine: Path, onnx: Path | None) -> Path:
 @export_app.command("onnx")
 def export_onnx(
     engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
-    out: Annotated[Path | None, typer.Option(help="Output folder [default: <ENGINE>-onnx beside it].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <ENGINE>-onnx beside it).")] = None,
 ) -> None:
     """ONNX graphs (opset 21, fp32 activations, INT4 weights): the whole model at tp=1, per rank and layer at tp>1."""
     from pipeline.export.onnx import export_onnx as export_stage
@@ -259,7 +259,7 @@ def export_onnx(
 @app.command()
 def compare(
     engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
-    onnx: Annotated[Path | None, typer.Option(help="Export folder [default: <ENGINE>-onnx beside it].")] = None,
+    onnx: Annotated[Path | None, typer.Option(help="Export folder (default: <ENGINE>-onnx beside it).")] = None,
     batch: int = 1,
     seq: int = 16,
     iterations: int = 2,
@@ -286,8 +286,8 @@ def compare(
 def build(
     engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
     backend: Annotated[str, typer.Option(help="tensorrt (from the ONNX export) or trtllm.")] = "tensorrt",
-    onnx: Annotated[Path | None, typer.Option(help="ONNX export [default: <ENGINE>-onnx beside it].")] = None,
-    out: Annotated[Path | None, typer.Option(help="Engine folder [default: the backend's, beside ENGINE].")] = None,
+    onnx: Annotated[Path | None, typer.Option(help="ONNX export (default: <ENGINE>-onnx beside it).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Engine folder (default: the backend's, beside ENGINE).")] = None,
     max_batch: int = 8,
     max_seq: int = 2048,
 ) -> None:
@@ -304,7 +304,7 @@ def export_trtllm(
     sm: Annotated[int | None, typer.Option(help="GPU architecture the weights are laid out for (90: H100).")] = None,
     no_preprocess: Annotated[bool, typer.Option(
         "--no-preprocess", help="Plain int8 [K, N/2] packing, for inspection (trtllm-build cannot load it).")] = False,
-    out: Annotated[Path | None, typer.Option(help="Output folder [default: <ENGINE>-trtllm-ckpt beside it].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <ENGINE>-trtllm-ckpt beside it).")] = None,
 ) -> None:
     """TensorRT-LLM unified checkpoint (engine-era releases 0.2x-1.2.x) per rank, with the gathering model class."""
     from pipeline.export.trtllm import default_checkpoint_dir, export_trtllm as export_stage
@@ -329,7 +329,7 @@ def quantize(
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (v1 'gptq' file) or asymmetric (written as "
                                                            "'gptq_v2'; the closer model).")] = False,
     out: Annotated[Path | None, typer.Option(
-        help="Output folder [default: engines/<name>-gptq-w<bits>g<group>[-act]-<sym|asym>].")] = None,
+        help="Output folder (default: engines/<name>-gptq-w<bits>g<group>[-act]-<sym|asym>).")] = None,
 ) -> None:
     """Quantize to act-order GPTQ with GPTQModel on CPU; a cached result with the same inputs is reused."""
     from pipeline.quantize import quantize_model

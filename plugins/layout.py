@@ -19,45 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.gptq.int4 import unpack_cols, unpack_rows
+
 NIBBLES = 8  # 4-bit values per int32 word
 _FP32_CHUNK_ROWS = 4096  # rows dequantized at once in fp32, bounding the transient memory
-
-
-def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
-    """Pack [K, N] values 0..15 into int32 [K/8, N]; nibble i of row r holds row 8r+i."""
-    k, n = q.shape
-    if k % NIBBLES:
-        raise ValueError(f"K={k} is not a multiple of {NIBBLES}")
-    q = q.to(torch.int64).reshape(k // NIBBLES, NIBBLES, n)
-    shifts = (4 * torch.arange(NIBBLES, device=q.device)).view(1, NIBBLES, 1)
-    return _to_int32((q << shifts).sum(dim=1))
-
-
-def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int4_rows`: int32 [K/8, N] to uint8 [K, N]."""
-    planes = [((packed >> (4 * i)) & 0xF).to(torch.uint8) for i in range(NIBBLES)]
-    return torch.stack(planes, dim=1).reshape(-1, packed.shape[1])
-
-
-def pack_int4_cols(z: torch.Tensor) -> torch.Tensor:
-    """Pack [G, N] values 0..15 into int32 [G, N/8]; nibble j of column c holds column 8c+j."""
-    g, n = z.shape
-    if n % NIBBLES:
-        raise ValueError(f"N={n} is not a multiple of {NIBBLES}")
-    z = z.to(torch.int64).reshape(g, n // NIBBLES, NIBBLES)
-    shifts = (4 * torch.arange(NIBBLES, device=z.device)).view(1, 1, NIBBLES)
-    return _to_int32((z << shifts).sum(dim=2))
-
-
-def unpack_int4_cols(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int4_cols`: int32 [G, N/8] to uint8 [G, N]."""
-    planes = [((packed >> (4 * j)) & 0xF).to(torch.uint8) for j in range(NIBBLES)]
-    return torch.stack(planes, dim=2).reshape(packed.shape[0], -1)
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """Reinterpret unsigned 32-bit words held in int64 as int32 (two's complement)."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def to_kernel_layout(
@@ -107,13 +72,13 @@ def dequantize(
     Works in row chunks so the fp32 intermediate stays bounded when used as the M > 64 fallback.
     """
     qweight, scales = weights["qweight"], weights["scales"]
-    zeros = unpack_int4_cols(weights["qzeros"])
+    zeros = unpack_cols(weights["qzeros"])
     k = qweight.shape[0] * NIBBLES
     groups = row_groups(k, group_size, g_idx, qweight.device)
     out = torch.empty(k, qweight.shape[1], dtype=dtype, device=qweight.device)
     rows8 = _FP32_CHUNK_ROWS // NIBBLES
     for r0 in range(0, qweight.shape[0], rows8):
-        q = unpack_int4_rows(qweight[r0 : r0 + rows8]).to(torch.float32)
+        q = unpack_rows(qweight[r0 : r0 + rows8]).to(torch.float32)
         g = groups[r0 * NIBBLES : r0 * NIBBLES + q.shape[0]]
         w = (q - zeros[g].to(torch.float32)) * scales[g].to(torch.float32)
         out[r0 * NIBBLES : r0 * NIBBLES + q.shape[0]] = w.to(dtype)

@@ -16,13 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports plugins.w4a16
 
-from plugins.layout import (
-    pack_int4_cols,
-    pack_int4_rows,
-    to_kernel_layout,
-    unpack_int4_cols,
-    unpack_int4_rows,
-)
+from pipeline.gptq.int4 import pack_rows, unpack_rows
+from plugins.layout import to_kernel_layout
 from plugins.ops import w4a16_linear
 from plugins.reference import random_layer, reference, relative_error
 
@@ -135,22 +130,12 @@ def test_reference_check_catches_wrong_nibble_order(kernel):
     """Guard for the tests themselves: a layer read with reversed nibbles must fail the check."""
     gen, _ = _generator()
     weights, _ = random_layer(256, 64, 128, generator=gen)
-    q = unpack_int4_rows(weights["qweight"]).reshape(32, 8, 64).flip(1).reshape(256, 64)
-    swapped = dict(weights, qweight=pack_int4_rows(q))
+    q = unpack_rows(weights["qweight"]).reshape(32, 8, 64).flip(1).reshape(256, 64)
+    swapped = dict(weights, qweight=pack_rows(q))
     x = torch.randn(1, 256, generator=gen).to(torch.float16)
     out = kernel.w4a16_matmul(x.to(DEVICE), {k: t.to(DEVICE) for k, t in swapped.items()}, 128,
                               _config(kernel, "fma"))
     assert relative_error(out.cpu(), reference(x, weights, 128)) > 0.1
-
-
-def test_pack_roundtrip_and_nibble_order():
-    column = torch.arange(1, 9, dtype=torch.int32).view(8, 1)  # rows 0..7 hold 1..8
-    assert pack_int4_rows(column).item() == 0x87654321 - 2**32
-    assert pack_int4_cols(column.view(1, 8)).item() == 0x87654321 - 2**32
-    gen, _ = _generator()
-    q = torch.randint(0, 16, (64, 24), generator=gen, dtype=torch.uint8)
-    assert torch.equal(unpack_int4_rows(pack_int4_rows(q)), q)
-    assert torch.equal(unpack_int4_cols(pack_int4_cols(q)), q)
 
 
 def test_to_kernel_layout_validates():
