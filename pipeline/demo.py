@@ -44,7 +44,7 @@ def run_demo(model: str = "smollm2", tp: int = 3, device: str = "cpu", engines: 
 
     seconds, cached = {}, {}
     start = time.perf_counter()
-    progress("quantize: act-order GPTQ with GPTQModel (cached after the first run)")
+    progress("quantize: act-order GPTQ with GPTQModel, a few minutes the first time (its log: engines/*.gptqmodel.log)")
     checkpoint, stamp = quantize_model(model, engines)
     seconds["quantize"], cached["quantize"] = time.perf_counter() - start, stamp["cached"]
 

@@ -33,8 +33,10 @@ import importlib
 import inspect
 import json
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -109,21 +111,45 @@ def quantize(model_dir: Path, out: Path, bits: int = 4, group_size: int = 64, de
         return dict(stamp, cached=True)
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(_cpu_workers()))
-    from gptqmodel import GPTQModel, QuantizeConfig
-
-    config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
-                            format=checkpoint_format(sym),
-                            act_group_aware=False,  # GPTQModel's default reordering for desc_act=False; keep plain
-                            offload_to_disk=False)  # small models fit in memory; no temp path in the saved config
     start = time.perf_counter()
-    # bf16, GPTQModel's CPU default: CPUs without AVX512-FP16 run fp16 matmuls ~10x slower than bf16 ones (8.8 vs
-    # 94 GFLOP/s here), which made quantizing SmolLM2 take 13 minutes instead of 2. Scales are fp16 regardless.
-    model = GPTQModel.load(str(model_dir), config, device="cpu", dtype=torch.bfloat16)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out) as tmp, _output_to(log_path(out)):
+        from gptqmodel import GPTQModel, QuantizeConfig
+
+        config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
+                                format=checkpoint_format(sym),
+                                act_group_aware=False,  # GPTQModel's default reordering for desc_act=False; keep plain
+                                offload_to_disk=False)  # small models fit in memory; no temp path in the saved config
+        # bf16, GPTQModel's CPU default: CPUs without AVX512-FP16 run fp16 matmuls ~10x slower than bf16 ones (8.8 vs
+        # 94 GFLOP/s here), which made quantizing SmolLM2 take 13 minutes instead of 2. Scales are fp16 regardless.
+        model = GPTQModel.load(str(model_dir), config, device="cpu", dtype=torch.bfloat16)
         model.quantize([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calib], batch_size=batch_size)
         model.save(str(tmp))
         (tmp / STAMP).write_text(json.dumps(dict(stamp, seconds=round(time.perf_counter() - start, 1)), indent=2))
     return dict(stamp, cached=False)
+
+
+def log_path(out: Path) -> Path:
+    """Where GPTQModel's own output (per-layer tables, its config dump) goes: beside the checkpoint, kept on failure."""
+    return out.with_name(f"{out.name}.gptqmodel.log")
+
+
+@contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Send everything written to stdout and stderr, by Python or native code, to `path` for the duration."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, original in zip((1, 2), saved):
+                os.dup2(original, fd)
+                os.close(original)
 
 
 def quantize_model(model: str, engines: Path, out: Path | None = None, bits: int = 4, group_size: int = 64,
