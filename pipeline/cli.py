@@ -352,12 +352,25 @@ app.add_typer(bench_app, name="bench")
 def bench_mlp(ctx: typer.Context) -> None:
     """MLP latency, naive vs local-sort vs TP-aware vs dense fp16: runs scripts/bench_mlp.py with these arguments
     (see `python scripts/bench_mlp.py --help`)."""
+    _bench_script("bench_mlp.py", ctx.args)
+
+
+@bench_app.command("decode", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_decode(ctx: typer.Context) -> None:
+    """Time per generated token of a Llama-70B-shaped model cut to a few layers, decode step in a CUDA graph:
+    tpaware vs naive vs local-sort vs dense fp16; runs scripts/bench_decode.py with these arguments
+    (see `python scripts/bench_decode.py --help`; `--device cpu` checks the modes without a GPU)."""
+    _bench_script("bench_decode.py", ctx.args)
+
+
+def _bench_script(name: str, args: list[str]) -> None:
+    """Run scripts/<name> in this Python: the scripts stay runnable where typer is not installed (GPU images)."""
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_mlp.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / name
     if not script.is_file():
         _fail(f"{script} not found: `tpaware bench` runs from a source checkout")
-    raise typer.Exit(subprocess.call([sys.executable, str(script), *ctx.args]))
+    raise typer.Exit(subprocess.call([sys.executable, str(script), *args]))
 
 
 _SERVE_DEVICE_HELP = "cpu (a process per rank, gloo) or cuda (rank r on cuda:r, NCCL)."

@@ -1,4 +1,5 @@
-"""One rank's forward pass of a Llama-family or GPTBigCode model, with a KV cache.
+"""One rank's forward pass of a Llama-family or GPTBigCode model, with a KV cache: `KVCache` grows by concatenation,
+`StaticKVCache` is preallocated so that a decode step can be captured in a CUDA graph; attention is the same for both.
 
 The same code runs the unpermuted reference (tp=1, dense weights) and every rank of a converted model: a rank holds
 its heads' share of q/k/v and its slice of the MLP, and the only communication is `comm.all_reduce` after o_proj and
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +24,24 @@ from pipeline.runtime.comm import Comm
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+class Cache(Protocol):
+    """What the attention asks of a KV cache; the model has one attention path whichever cache it is given."""
+
+    def positions(self, t: int, device: torch.device) -> torch.Tensor:
+        """Positions [t] of the next t tokens."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new keys and values [B, kv_heads, t, head_dim] at `positions`; return every key and value to
+        attend over and the mask [t, S] of those each new query may see."""
+
+    def advance(self, t: int) -> None:
+        """Called once per forward, after every layer has stored its t new tokens."""
+
+
 @dataclass
 class KVCache:
-    """Keys and values per layer, [B, kv_heads, S, head_dim], grown by concatenation."""
+    """Keys and values per layer, [B, kv_heads, S, head_dim], grown by concatenation (so shapes change each step)."""
 
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -32,6 +49,54 @@ class KVCache:
     @property
     def length(self) -> int:
         return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+    def positions(self, t: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.length, self.length + t, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v, causal_mask(positions, k.shape[2])
+
+    def advance(self, t: int) -> None:
+        """Nothing to do: the length is that of the stored keys."""
+
+
+class StaticKVCache:
+    """Keys and values preallocated as [layers, B, kv_heads, max_len, head_dim], for CUDA-graph capture.
+
+    Nothing changes shape from step to step and the next position lives in a device tensor, written in place, so one
+    decode step can be captured once and replayed for every token. New keys are copied into their slots; attention
+    runs over the whole buffer, masked to the slots at or before each query's position (unwritten slots included, so
+    their contents never matter). Writing past `max_len` is out of bounds: size it for prompt plus every new token.
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        shape = (layers, batch, kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # tokens stored so far
+
+    @classmethod
+    def for_model(cls, model: Transformer, batch: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device | str = "cpu") -> StaticKVCache:
+        """A cache for this rank's kv heads of `model`."""
+        return cls(model.dims.layers, batch, model.heads.kv_count, max_len, model.dims.head_dim, dtype, device)
+
+    def positions(self, t: int, device: torch.device) -> torch.Tensor:
+        return self.position + torch.arange(t, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.keys[layer].index_copy_(2, positions, k)
+        self.values[layer].index_copy_(2, positions, v)
+        return self.keys[layer], self.values[layer], causal_mask(positions, self.keys.shape[3])
+
+    def advance(self, t: int) -> None:
+        self.position += t  # in place: a captured step advances it on every replay
 
 
 class Transformer:
@@ -41,16 +106,17 @@ class Transformer:
         self.dense, self.linears, self.comm, self.masked_o_proj = dense, linears, comm, masked_o_proj
         self.lm_head = dense.get(f"{arch.lm_head}.weight", dense[f"{arch.embed}.weight"])  # tied embeddings
 
-    def __call__(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T], continuing `cache` when given."""
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        cache = KVCache() if cache is None else cache
+        positions = cache.positions(ids.shape[1], ids.device)
         x = F.embedding(ids, self.dense[f"{self.arch.embed}.weight"])
         if self.arch.positions:
             x = x + self.dense[f"{self.arch.positions}.weight"][positions]
         for i in range(self.dims.layers):
             x = x + self.comm.all_reduce(self.attention(i, self.norm(i, 0, x), positions, cache))
             x = x + self.comm.all_reduce(self.mlp(i, self.norm(i, 1, x)))
+        cache.advance(ids.shape[1])
         return self._norm(self.arch.final_norm, x) @ self.lm_head.T
 
     def norm(self, i: int, which: int, x: torch.Tensor) -> torch.Tensor:
@@ -69,8 +135,8 @@ class Transformer:
     def linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.linears[layer_name(self.arch, i, name)](x)
 
-    def attention(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """This rank's partial o_proj output for its heads."""
+    def attention(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        """This rank's partial o_proj output for its heads; without a cache, causal attention over `h` alone."""
         b, t, _ = h.shape
         d, hq, hkv = self.dims.head_dim, self.heads.q_count, self.heads.kv_count
         if len(self.arch.qkv) == 1:
@@ -80,11 +146,8 @@ class Transformer:
         q, k, v = (z.view(b, t, -1, d).transpose(1, 2) for z in (q, k, v))
         if self.arch is not GPT_BIGCODE:
             q, k = self.rope(q, positions), self.rope(k, positions)
-        if cache is not None:
-            if i in cache.keys:
-                k, v = torch.cat([cache.keys[i], k], dim=2), torch.cat([cache.values[i], v], dim=2)
-            cache.keys[i], cache.values[i] = k, v
-        out = attend(q, k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1))
+        k, v, mask = (KVCache() if cache is None else cache).update(i, k, v, positions)
+        out = attend(q, repeat_heads(k, hq // hkv), repeat_heads(v, hq // hkv), mask)
         out = out.transpose(1, 2).reshape(b, t, hq * d)
         if self.masked_o_proj:  # the whole o_proj on every rank: place this rank's heads in a zero-filled input
             full = out.new_zeros(b, t, self.dims.heads * d)
@@ -125,11 +188,21 @@ def rope_angles(config: dict, positions: torch.Tensor, head_dim: int) -> torch.T
     return torch.cat([angles, angles], dim=-1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of T new queries over S keys (the last T of which are theirs); any dtype, fp64 included."""
-    t, s = q.shape[2], k.shape[2]
+def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """[T, length] bool: cache slot j holds position j, visible to the query at position p when j <= p."""
+    return torch.arange(length, device=positions.device)[None, :] <= positions[:, None]
+
+
+def repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
+    """[B, kv_heads, S, d] -> [B, kv_heads * times, S, d], each kv head repeated for the q heads that share it
+    (`repeat_interleave` on dim 1, written as expand + reshape: one plain copy, nothing a CUDA graph cannot hold)."""
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, times, s, d).reshape(b, h * times, s, d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of T queries over S keys where `mask` [T, S] allows; any dtype, fp64 included."""
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
     scores = scores.masked_fill(~mask, float("-inf")).to(_at_least_fp32(q.dtype))
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
