@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,14 @@ app = typer.Typer(
 )
 console = Console()
 ENGINES = Path("engines")
+
+
+@app.callback()
+def _quiet_imports() -> None:
+    # torchao (pulled in by GPTQModel) warns about CUDA-only extensions when transformers imports it, and torch logs
+    # deprecations of torchao's pytree registrations: noise on every command that loads a transformers model.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _fail(message: str) -> None:
