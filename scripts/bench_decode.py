@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_mlp import MULTICAST_OFF, environment, median_us, random_layer, slowest  # noqa: E402
+from bench_mlp import MULTICAST_OFF, environment, init_rank, median_us, random_layer, slowest  # noqa: E402
 from pipeline.arch import LLAMA, Dims, layer_name  # noqa: E402
 from pipeline.gptq.layer import QuantLinear, dequantize  # noqa: E402
 from pipeline.plan import Plan, column_layer, local_sort_row_layer, plan_model  # noqa: E402
@@ -183,17 +183,7 @@ def decode_row(model: Transformer, mode: str, batch: int, args: argparse.Namespa
 
 
 def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str) -> None:
-    os.environ.update(MULTICAST_OFF)
-    if args.device == "cuda":
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
-                                device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
-    import plugins.ops  # noqa: F401  registers torch.ops.tpaware.w4a16_gemm
-
+    device = init_rank(rank, tp, args.device, port)
     models = build_models(args, GraphComm(), device)
     rows = []
     with torch.inference_mode():

@@ -214,18 +214,25 @@ def slowest(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str) -> None:
+def init_rank(rank: int, tp: int, device_kind: str, port: int) -> torch.device:
+    """Join the benchmark's process group: NCCL with rank r on cuda:r, or, for `--device cpu`, gloo and the op's
+    exact CPU path (for checking the modes, not for timing). Registers the W4A16 op."""
     os.environ.update(MULTICAST_OFF)
-    if args.device == "cuda":
+    if device_kind == "cuda":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
                                 device_id=device)
-    else:  # --device cpu: gloo and the op's exact CPU path, for checking the modes, not for timing
+    else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
     import plugins.ops  # noqa: F401  registers torch.ops.tpaware.w4a16_gemm
 
+    return device
+
+
+def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str) -> None:
+    device = init_rank(rank, tp, args.device, port)
     rows = []
     for model in args.models:
         hidden = MODELS[model][0]
