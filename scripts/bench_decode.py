@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_mlp import MULTICAST_OFF, environment, init_rank, median_us, random_layer, slowest  # noqa: E402
+from bench_mlp import environment, init_rank, median_us, random_layer, run_per_tp, slowest  # noqa: E402
 from pipeline.arch import LLAMA, Dims, layer_name  # noqa: E402
 from pipeline.gptq.layer import QuantLinear, dequantize  # noqa: E402
 from pipeline.plan import Plan, column_layer, local_sort_row_layer, plan_model  # noqa: E402
@@ -276,21 +275,12 @@ def main() -> None:
     # fp16 on GPUs; fp32 on CPU, where the modes agree up to fp32 rounding
     args.dtype, args.tolerance, args.same_tolerance = (
         (torch.float16, 2e-2, 1e-2) if args.device == "cuda" else (torch.float32, 1e-4, 1e-5))
-    os.environ.update(MULTICAST_OFF)
-    rows: list[dict] = []
-    for i, tp in enumerate(args.tp):
-        if args.device == "cuda" and tp > torch.cuda.device_count():
-            print(f"skipping tp={tp}: only {torch.cuda.device_count()} GPU(s)")
-            continue
-        results = f"{args.out}.tp{tp}.part.json"
-        Path(results).parent.mkdir(parents=True, exist_ok=True)
-        mp.spawn(worker, args=(tp, args, 29600 + 17 * i + os.getpid() % 1000, results), nprocs=tp, join=True)
-        rows += json.loads(Path(results).read_text())
-        Path(results).unlink()
-        if args.device == "cuda":  # after every tp, so a run cut short still leaves its finished rows
-            env = {**environment(), "autotune": os.environ.get("TPAWARE_AUTOTUNE"),
-                   "args": {k: getattr(args, k) for k in SETTINGS}}
-            write_results(args.out, env, rows)
+    def save(rows: list[dict]) -> None:
+        env = {**environment(), "autotune": os.environ.get("TPAWARE_AUTOTUNE"),
+               "args": {k: getattr(args, k) for k in SETTINGS}}
+        write_results(args.out, env, rows)
+
+    rows = run_per_tp(worker, args, 29600, save)
     if args.device == "cpu":
         print("\n".join(f"tp={r['tp']} batch={r['batch']} {r['mode']}: static vs growing "
                         f"{r['static_vs_growing_rel_err']:.2e} vs tpaware {r['vs_tpaware_rel_err']:.2e}" for r in rows))

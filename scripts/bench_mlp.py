@@ -340,22 +340,30 @@ def main() -> None:
             MODELS[name] = (*args.shape, act)
     # fp16 on GPUs; fp32 on CPU, where the check is exact up to fp32 rounding
     args.dtype, args.tolerance = (torch.float16, 1e-2) if args.device == "cuda" else (torch.float32, 1e-5)
+    rows = run_per_tp(worker, args, 29500, lambda rows: write_results(args.out, environment(), rows))
+    if args.device == "cpu":
+        print("\n".join(f"{r['model']} tp={r['tp']} {r['mode']}: rel err {r['check_rel_err']:.2e}" for r in rows))
+        return
+    print(markdown(environment(), rows))
+
+
+def run_per_tp(worker, args: argparse.Namespace, base_port: int, save) -> list[dict]:
+    """Spawn `worker(rank, tp, args, port, results_file)` on tp processes for each tp in `args.tp` and collect the
+    rows rank 0 writes; on GPUs `save(rows)` runs after every tp, so a run cut short still leaves its finished rows."""
     os.environ.update(MULTICAST_OFF)
     rows: list[dict] = []
     for i, tp in enumerate(args.tp):
         if args.device == "cuda" and tp > torch.cuda.device_count():
             print(f"skipping tp={tp}: only {torch.cuda.device_count()} GPU(s)")
             continue
-        results = f"{args.out}.tp{tp}.part.json"
-        mp.spawn(worker, args=(tp, args, 29500 + 17 * i + os.getpid() % 1000, results), nprocs=tp, join=True)
-        rows += json.loads(Path(results).read_text())
-        Path(results).unlink()
-        if args.device == "cuda":  # after every tp, so a run cut short still leaves its finished rows
-            write_results(args.out, environment(), rows)
-    if args.device == "cpu":
-        print("\n".join(f"{r['model']} tp={r['tp']} {r['mode']}: rel err {r['check_rel_err']:.2e}" for r in rows))
-        return
-    print(markdown(environment(), rows))
+        results = Path(f"{args.out}.tp{tp}.part.json")
+        results.parent.mkdir(parents=True, exist_ok=True)
+        mp.spawn(worker, args=(tp, args, base_port + 17 * i + os.getpid() % 1000, str(results)), nprocs=tp, join=True)
+        rows += json.loads(results.read_text())
+        results.unlink()
+        if args.device == "cuda":
+            save(rows)
+    return rows
 
 
 def write_results(out: Path, env: dict, rows: list[dict]) -> None:
