@@ -27,10 +27,16 @@ _FLUSH: dict[int, torch.Tensor] = {}  # per device, a buffer larger than any L2,
 # (block_n, block_k, num_warps, prefetch) tried per family: tiles that compile without spills
 # and without the layout conversions that some shapes trigger (scripts/gemm_sass_report.py).
 _FMA_TILES = ((64, 128, 4, False), (64, 128, 4, True), (128, 128, 8, False), (128, 128, 8, True),
-              (32, 128, 4, False), (64, 256, 4, True), (128, 256, 8, True))
+              (32, 128, 4, False), (64, 256, 4, True), (128, 256, 8, True), (64, 64, 4, True), (128, 64, 8, True))
 # dot tiles never prefetch by hand: Triton pipelines their weight loads (cp.async, num_stages)
 _DOT_TILES = ((128, 128, 8, False), (128, 128, 4, False), (256, 128, 8, False), (64, 128, 4, False))
 _STAGES = 3
+FMA_MAX_M = 4  # above it each weight feeds so many FFMAs that the tensor cores win
+
+
+def _fma_regs(block_m: int, block_n: int, block_k: int, warps: int) -> int:
+    """fp32 accumulator registers per thread of the FMA path (it keeps two: acc and the step's partial)."""
+    return block_m * block_n * (block_k // 8) // (warps * 32)
 
 
 def m_bucket(m: int) -> int:
@@ -55,8 +61,8 @@ def candidates(m: int, n: int, k: int, num_sms: int) -> list[Config]:
     """Configs to try for one shape; the first is the untuned default."""
     bucket = m_bucket(m)
     families: list[tuple[int, bool, tuple[tuple[int, int, int, bool], ...]]] = []
-    if bucket == 1:  # CUDA-core FMAs: tensor cores would pad M=1 to 16 rows
-        families.append((1, False, _FMA_TILES))
+    if bucket <= FMA_MAX_M:  # CUDA-core FMAs: tensor cores would pad M to 16 rows
+        families.append((bucket, False, tuple(t for t in _FMA_TILES if _fma_regs(bucket, *t[:3]) <= 32)))
     families.append((max(16, bucket), True, _DOT_TILES))
     if bucket > 16:  # several 16-row tiles per weight tile: lighter programs, weights from L2
         families.append((16, True, _DOT_TILES))
@@ -99,28 +105,40 @@ def _time_or_inf(fn: Callable[[], None]) -> float:
 
 
 def time_us(fn: Callable[[], None], warmup: int = 3, reps: int = 30) -> float:
-    """Median device time of `fn` in microseconds, L2 flushed before each run (CUDA events)."""
+    """Median device time of `fn` in microseconds as a CUDA-graph replay (as the runtime runs it, without the
+    launch gaps of eager calls), L2 flushed before each replay (CUDA events)."""
     device = torch.cuda.current_device()
     if device not in _FLUSH:
         _FLUSH[device] = torch.empty(256 << 20, dtype=torch.uint8, device=device)
     flush = _FLUSH[device]
-    for _ in range(warmup):
+    for _ in range(warmup):  # also compiles, and sizes the split-K counters outside the capture
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
     times = []
     for _ in range(reps):
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
-def save(path: Path) -> None:
-    """Write every cached choice to `path` as JSON."""
-    path.write_text(json.dumps({k: asdict(c) for k, c in sorted(_CACHE.items())}, indent=1) + "\n")
+def save(path: Path, others: dict[str, Config] | None = None) -> None:
+    """Write every cached choice, plus `others` not cached (e.g. other cards' shipped ones), to `path` as JSON."""
+    merged = {**(others or {}), **_CACHE}
+    path.write_text(json.dumps({k: asdict(c) for k, c in sorted(merged.items())}, indent=1) + "\n")
+
+
+def skip_shipped() -> dict[str, Config]:
+    """Leave the shipped choices out of the cache (to re-tune every shape); returns them."""
+    global _LOADED
+    _LOADED = True
+    return {k: Config(**fields) for k, fields in json.loads(SHIPPED.read_text()).items()}
 
 
 def load(path: Path) -> None:

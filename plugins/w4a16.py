@@ -6,8 +6,9 @@ One kernel, specialised by constexpr flags into the variants:
 * general `g_idx` (per-row group lookup), the slow baseline: scales and zeros are gathered per
   nibble instead of once per tile row;
 * USE_DOT picks tensor cores (one `tl.dot` per K step, computed transposed as W^T X^T so the
-  weights are the wide wgmma operand and X, padded to 16 rows, the narrow one) or, for M = 1
-  only, CUDA-core FMAs that sum the 8 nibbles of a word inside one thread;
+  weights are the wide wgmma operand and X, padded to 16 rows, the narrow one) or, for small M
+  (1 to 4), CUDA-core FMAs that sum the 8 nibbles of a word inside one thread and reuse each
+  unpacked nibble for every row of X;
 * SPLIT_K > 1 splits K across programs; each writes an fp32 partial, and the last program of a
   tile (found with an atomic counter that it resets afterwards) sums them in split order, so the
   result is deterministic and no extra kernel (memset, reduction) is launched.
@@ -29,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-DENORM_X = tl.constexpr(2.0**64)  # FMA path: X scale that lifts (X * subnormal nibble) to normal range
 DENORM_UNDO = tl.constexpr(2.0**85)  # 2^149 / 2^64: turns the accumulated sum back into x * q
+X_UNDO = tl.constexpr(2.0**-64)  # FMA g_idx path: undoes X's 2^64 (its 16^-e cancels the weight's 16^e)
+PREP_ROWS = 128  # packed rows of X per `_prep_x_kernel` program
 MAGIC = tl.constexpr(0x4B000000)  # bit pattern of 2.0**23; OR-ing a value < 2**23 into it gives 2**23 + value
 # dot path, OR-ed into both 16-bit halves of the masked words (see _unpack_words)
 PAIR_MAGIC = {torch.float16: 0, torch.bfloat16: 0x00800080}
@@ -94,10 +96,10 @@ def _load_words(qweight_ptr, rows, offs_n, row_end, mask_n, N):
 
 @triton.jit
 def w4a16_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
+    x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
     out_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_om, magic,
-    GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, PREPARED_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K,
 ):
@@ -107,8 +109,10 @@ def w4a16_kernel(
     * dot path (`_dot_step`): the tile is expanded in registers to W^T [BLOCK_N, BLOCK_K]
       (nibble pairs, X gathered in the same K order) and multiplied with X^T by one `tl.dot`;
       with one group per step, zero point and scale are applied to the fp32 product once.
-    * FMA path (BLOCK_M == 1): nibble plane i (rows 8r + i) multiplies the stride-8 slice of X
-      and each thread sums the 8 nibbles of its words; zero and scale come once per row.
+    * FMA path (small BLOCK_M): nibble plane i (rows 8r + i) multiplies the stride-8 slice of
+      each row of X and each thread sums the 8 nibbles of its words; zero and scale come once
+      per row.  With PREPARED_X, X was gathered, converted and pre-scaled by `_prep_x_kernel`
+      (fp32, zero-padded, row sums in `xsum_ptr`).
     `magic` is passed at run time (2^23's bit pattern for the FMA path's g_idx variant,
     PAIR_MAGIC for the dot path), so ptxas keeps it in a register and fuses mask and OR into
     one LOP3 (two immediates cannot share one).
@@ -133,7 +137,7 @@ def w4a16_kernel(
     if USE_DOT:  # transposed, [N, M]: the weights are the dot's first operand (see _dot_step)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
 
     row_end = tl.minimum(last * ROWS, K // 8)
     if PREFETCH:
@@ -152,15 +156,15 @@ def w4a16_kernel(
                             offs_m, offs_n, mask_m, mask_n, K, N, stride_xm, GROUP_SIZE,
                             HAS_PERM, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N)
         else:
-            acc = _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, qzeros_ptr, scales_ptr,
-                            perm_ptr, gidx_ptr, pid_m, offs_n, mask_n, N, stride_xm, magic,
-                            GROUP_SIZE, HAS_PERM, HAS_GIDX, ONE_GROUP, BLOCK_K)
+            acc = _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, xsum_ptr, qzeros_ptr, scales_ptr,
+                            gidx_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_xm, magic,
+                            GROUP_SIZE, HAS_GIDX, ONE_GROUP, PREPARED_X, BLOCK_K)
 
     if USE_DOT:  # back from the rows' column order in _dot_step
         result = tl.reshape(tl.permute(tl.reshape(tl.trans(acc), (BLOCK_M, 8, BLOCK_N // 8)), (0, 2, 1)),
                             (BLOCK_M, BLOCK_N))
     else:
-        result = tl.sum(acc, axis=0)[None, :]
+        result = tl.sum(acc, axis=1)
     mask_o = mask_m[:, None] & mask_n[None, :]
     offs_o = offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
@@ -230,46 +234,80 @@ def _dot_step(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx
 
 
 @triton.jit
-def _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, qzeros_ptr, scales_ptr, perm_ptr,
-              gidx_ptr, pid_m, offs_n, mask_n, N, stride_xm, magic, GROUP_SIZE: tl.constexpr,
-              HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
+def _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, xsum_ptr, qzeros_ptr, scales_ptr, gidx_ptr,
+              offs_m, mask_m, offs_n, mask_n, N, stride_xm, magic, GROUP_SIZE: tl.constexpr,
+              HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, PREPARED_X: tl.constexpr,
               BLOCK_K: tl.constexpr):
-    """acc + the M = 1 products of one K step on the CUDA cores, per [ROWS, BLOCK_N] partial."""
+    """acc + the products of one K step on the CUDA cores, per [BLOCK_M, ROWS, BLOCK_N] partial.
+
+    Each weight is unpacked once and reused by the BLOCK_M rows of X: one LOP3 and BLOCK_M FFMAs.
+    The 2-D tiles (weights, per-row scales and zeros) become 3-D by a reshape and X is loaded
+    through 3-D pointers, so no value changes threads: a `[None]` broadcast of the 2-D weight
+    tile made Triton move it through shared memory every step (32 barriers per loop, 2x slower).
+    """
+    q = tl.reshape(q, (1, q.shape[0], q.shape[1]))
+    rows3 = rows[None, :, None]
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm + rows3 * 8  # X[:, 8r]; + i is an immediate offset
+    mask_x = mask_m[:, None, None] & mask_r[None, :, None]
     if not HAS_GIDX:
         if ONE_GROUP:  # the whole step lies in one group
             s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE,
-                               offs_n[None, :], mask_n[None, :], N)
+                               offs_n[None, None, :], mask_n[None, None, :], N)
         else:
-            s, z = _group_meta(scales_ptr, qzeros_ptr, (rows * 8 // GROUP_SIZE)[:, None],
-                               offs_n[None, :], mask_w, N)
+            s, z = _group_meta(scales_ptr, qzeros_ptr, (rows * 8 // GROUP_SIZE)[:, None], offs_n[None, :],
+                               mask_w, N)
+            s, z = tl.reshape(s, q.shape), tl.reshape(z, q.shape)  # like q: no layout change
     q_hi = q >> 16
-    part = tl.zeros(q.shape, dtype=tl.float32)
-    xsum = tl.zeros((q.shape[0],), dtype=tl.float32)
-    for e in tl.static_range(4):  # nibbles e and e + 4 are both 16^e times their value
-        pow16 = 16.0 ** e
-        for half in tl.static_range(2):
-            i = e + 4 * half
-            k = rows * 8 + i
-            if HAS_PERM:
-                col = tl.load(perm_ptr + k, mask=mask_r, other=0)
-            else:
-                col = k
-            bits = _nibble_bits(q, q_hi, i)
-            x = tl.load(x_ptr + pid_m * stride_xm + col, mask=mask_r, other=0.0).to(tl.float32)
-            if HAS_GIDX:  # the slow path: a group lookup per nibble
-                grp = tl.load(gidx_ptr + k, mask=mask_r, other=0)[:, None]
-                s, z = _group_meta(scales_ptr, qzeros_ptr, grp, offs_n[None, :], mask_w, N)
-                # OR into 2^23's mantissa: one LOP3 with `magic` in a register
-                w = (bits | magic).to(tl.float32, bitcast=True) - (z * pow16 + 8388608.0)
-                acc += x[:, None] * (w * (s * (1.0 / pow16)))
-            else:  # the row's 8 nibbles share zero and scale: both applied once below
-                # bits read as fp32 are the subnormal 16^e q 2^-149, exactly; X carries
-                # 2^64 / 16^e, so each FFMA adds x q 2^-85, a normal number
-                part += (x * (DENORM_X / pow16))[:, None] * bits.to(tl.float32, bitcast=True)
-                xsum += x
+    part = tl.zeros(acc.shape, dtype=tl.float32)
+    xsum = tl.zeros((acc.shape[0], acc.shape[1], 1), dtype=tl.float32)
+    for i in tl.static_range(8):  # nibble i of every word: rows 8r + i of the layer
+        bits = _nibble_bits(q, q_hi, i)
+        if PREPARED_X:  # already X 2^64 / 16^(i % 4) in fp32, zero-padded: no mask
+            x = tl.load(x_rows + i)
+        else:
+            x_raw = tl.load(x_rows + i, mask=mask_x, other=0.0).to(tl.float32)
+            xsum += x_raw
+            x = x_raw * (2.0**64 / 16.0 ** (i % 4))
+        if HAS_GIDX:  # the slow path: a group lookup per nibble
+            grp = tl.load(gidx_ptr + rows * 8 + i, mask=mask_r, other=0)[:, None]
+            s, z = _group_meta(scales_ptr, qzeros_ptr, grp, offs_n[None, :], mask_w, N)
+            s, z = tl.reshape(s, q.shape), tl.reshape(z, q.shape)  # like q: no layout change
+            # OR into 2^23's mantissa (one LOP3, `magic` in a register), minus 2^23: 16^e (q - z), exact
+            w = (bits | magic).to(tl.float32, bitcast=True) - (z * 16.0 ** (i % 4) + 8388608.0)
+            acc += x * (w * (s * X_UNDO))
+        else:  # the row's 8 nibbles share zero and scale: both applied once below
+            # bits read as fp32 are the subnormal 16^e q 2^-149, exactly; X carries 2^64 / 16^e,
+            # so each FFMA adds x q 2^-85, a normal number
+            part += x * bits.to(tl.float32, bitcast=True)
     if not HAS_GIDX:
-        acc += (part * DENORM_UNDO - xsum[:, None] * z) * s
+        if PREPARED_X:
+            xsum = tl.load(xsum_ptr + offs_m[:, None, None] * (stride_xm // 8) + rows3)
+        acc += (part * DENORM_UNDO - xsum * z) * s
     return acc
+
+
+@triton.jit
+def _prep_x_kernel(x_ptr, perm_ptr, xs_ptr, xsum_ptr, M, K, K_PAD, stride_xm, BLOCK_R: tl.constexpr):
+    """X for the FMA path of a layer with an input permutation, once per call:
+    xs[m, k] = X[m, perm[k]] 2^64 / 16^(k % 4) in fp32 and xsum[m, r] = the sum over i < 8 of
+    X[m, perm[8r + i]], both zero in the padding (rows m >= M, columns k >= K), so that the GEMM
+    loads them without masks.
+
+    In the GEMM every thread would gather, convert and scale each X value it uses, through a
+    dependent perm load, for only the 4 columns it owns (+17-25% at M = 1); one extra launch does
+    it once.  Without a permutation that launch costs more than it saves: the GEMM reads X itself.
+    The scale is a power of two built from its bits: exact.
+    """
+    m = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i = tl.arange(0, 8)
+    k = r[:, None] * 8 + i[None, :]
+    mask = (k < K) & (m < M)
+    col = tl.load(perm_ptr + k, mask=mask, other=0)
+    x = tl.load(x_ptr + m * stride_xm + col, mask=mask, other=0.0).to(tl.float32)
+    scale = ((127 + 64 - 4 * (i % 4)) << 23).to(tl.float32, bitcast=True)  # 2^(64 - 4 (i % 4))
+    tl.store(xs_ptr + m * K_PAD + k, x * scale[None, :], mask=k < K_PAD)
+    tl.store(xsum_ptr + m * (K_PAD // 8) + r, tl.sum(x, axis=1), mask=r < K_PAD // 8)
 
 
 @triton.jit
@@ -336,6 +374,16 @@ def w4a16_matmul(
     n = qweight.shape[1]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    xsum = x  # read only with PREPARED_X
+    prepared = not config.use_dot and in_perm is not None
+    if prepared:  # gathered, converted and pre-scaled once, not per thread in the GEMM
+        m_pad = triton.cdiv(m, config.block_m) * config.block_m
+        k_pad = triton.cdiv(k, config.block_k) * config.block_k
+        xs = torch.empty(m_pad, k_pad, dtype=torch.float32, device=x.device)
+        xsum = torch.empty(m_pad, k_pad // 8, dtype=torch.float32, device=x.device)
+        _prep_x_kernel[(m_pad, triton.cdiv(k_pad // 8, PREP_ROWS))](
+            x, in_perm, xs, xsum, m, k, k_pad, x.stride(0), BLOCK_R=PREP_ROWS)
+        x, in_perm = xs, None
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)
     if config.split_k > 1:
         ws = torch.empty(config.split_k, m, n, dtype=torch.float32, device=x.device)
@@ -343,12 +391,12 @@ def w4a16_matmul(
     else:
         ws = locks = out  # never touched when split_k == 1
     w4a16_kernel[grid](
-        x, qweight, weights["qzeros"], weights["scales"],
+        x, xsum, qweight, weights["qzeros"], weights["scales"],
         qweight if in_perm is None else in_perm,
         qweight if g_idx is None else g_idx,
         out, ws, locks,
-        m, n, k, x.stride(0), out.stride(0), PAIR_MAGIC[x.dtype] if config.use_dot else MAGIC.value,
-        GROUP_SIZE=group_size, HAS_PERM=in_perm is not None, HAS_GIDX=g_idx is not None,
+        m, n, k, x.stride(0), out.stride(0), PAIR_MAGIC[out.dtype] if config.use_dot else MAGIC.value,
+        GROUP_SIZE=group_size, HAS_PERM=in_perm is not None, HAS_GIDX=g_idx is not None, PREPARED_X=prepared,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.use_dot, PREFETCH=config.prefetch, SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -30,10 +30,12 @@ DEFAULT = ("1,64,128,4,fma,pf", "1,128,128,8,fma", "16,128,128,4,dot", "16,128,1
 
 def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, perm, gidx, group_size):
     """Compile one specialisation the way the launcher would (16-byte aligned pointers, split_k=1)."""
-    consts = dict(GROUP_SIZE=group_size, HAS_PERM=perm, HAS_GIDX=gidx, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_K=block_k, USE_DOT=use_dot, PREFETCH=prefetch, SPLIT_K=1)
-    pointers = {"x_ptr": dtype, "out_ptr": dtype, "ws_ptr": dtype, "lock_ptr": dtype, "scales_ptr": "fp16",
-                "perm_ptr": "i64" if perm else "i32"}
+    prepared = perm and not use_dot  # the FMA path reads a permuted X prepared by _prep_x_kernel
+    consts = dict(GROUP_SIZE=group_size, HAS_PERM=perm and use_dot, HAS_GIDX=gidx, PREPARED_X=prepared,
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, PREFETCH=prefetch, SPLIT_K=1)
+    x = "fp32" if prepared else dtype
+    pointers = {"x_ptr": x, "xsum_ptr": x, "out_ptr": dtype, "ws_ptr": dtype, "lock_ptr": dtype,
+                "scales_ptr": "fp16", "perm_ptr": "i64" if perm else "i32"}
     sig, attrs = {}, {}
     for i, name in enumerate(w4a16_kernel.arg_names):
         if name in consts:
@@ -84,7 +86,7 @@ def main() -> None:
     parser.add_argument("--config", action="append", help="block_m,block_n,block_k,warps,fma|dot[,pf]")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--perm", action="store_true", help="fused X[:, perm] gather")
+    parser.add_argument("--perm", action="store_true", help="fused X[:, perm] gather (FMA path: X prepared)")
     parser.add_argument("--gidx", action="store_true", help="general g_idx path")
     args = parser.parse_args()
     for spec in args.config or DEFAULT:

@@ -62,9 +62,9 @@ def kernel():
 def _run_case(kernel, m, k, n, group_size, dtype, variant, config):
     """One kernel launch on fresh random data against the fp64 reference."""
     gen, seed = _generator()
-    weights, g_idx = random_layer(k, n, group_size, generator=gen, act_order=variant == "gidx")
+    weights, g_idx = random_layer(k, n, group_size, generator=gen, act_order="gidx" in variant)
     x = torch.randn(m, k, generator=gen).to(dtype)
-    perm = torch.randperm(k, generator=gen) if variant == "perm" else None
+    perm = torch.randperm(k, generator=gen) if "perm" in variant else None
     ref = reference(x, weights, group_size, perm, g_idx)
     dev = {name: t.to(DEVICE) for name, t in weights.items()}
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
@@ -80,7 +80,7 @@ def _run_case(kernel, m, k, n, group_size, dtype, variant, config):
 
 
 def _config(kernel, path: str, split_k: int = 1, prefetch: bool = False):
-    if path == "fma":  # M = 1 on CUDA cores
+    if path == "fma":  # CUDA cores, one row of X per program
         return kernel.Config(1, 64, 256, split_k, False, prefetch, 4, 3)
     return kernel.Config(16, 64, 128, split_k, True, prefetch, 4, 3)
 
@@ -92,6 +92,17 @@ def _config(kernel, path: str, split_k: int = 1, prefetch: bool = False):
 def test_kernel_matches_fp64(kernel, path, dtype, group_size, variant):
     m = 1 if path == "fma" else 5
     _run_case(kernel, m, 512, 64, group_size, dtype, variant, _config(kernel, path))
+
+
+@pytest.mark.parametrize("variant", ["contig", "perm", "gidx", "perm+gidx"])
+def test_fma_small_m_reuses_nibbles_across_rows(kernel, variant):
+    """The FMA path with BLOCK_M = 4: M = 6 fills one M block and masks two rows of the next.
+
+    With a permutation X is prepared (gathered, pre-scaled, zero-padded) by a kernel of its own;
+    K = 960 is not a multiple of the K block, so the padding is read.
+    """
+    config = kernel.Config(4, 64, 256, 2, False, True, 4, 3)
+    _run_case(kernel, 6, 960, 64, 64, torch.float16, variant, config)
 
 
 @pytest.mark.parametrize("path", ["fma", "dot"])
