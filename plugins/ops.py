@@ -93,7 +93,7 @@ def _w4a16_gemm_cuda(
         with torch.cuda.device(x.device):  # timing events and flush buffer on x's device
             config = tuning.choose(
                 key,
-                tuning.candidates(m, n, k, sms),
+                tuning.candidates(m, n, k, sms, permuted=in_perm is not None),
                 lambda c: w4a16_matmul(x, weights, group_size, c, in_perm, g_idx),
             )
     return w4a16_matmul(x, weights, group_size, config, in_perm, g_idx)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -57,8 +57,12 @@ def _split_choices(tiles: int, steps: int, num_sms: int) -> list[int]:
     return [split] if more is None else [split, more]
 
 
-def candidates(m: int, n: int, k: int, num_sms: int) -> list[Config]:
-    """Configs to try for one shape; the first is the untuned default."""
+def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> list[Config]:
+    """Configs to try for one shape; the first is the untuned default.
+
+    The FMA tiles are tried with and without prepared X, except for a layer with an input permutation
+    (`permuted`), whose FMA path always prepares X.
+    """
     bucket = m_bucket(m)
     families: list[tuple[int, bool, tuple[tuple[int, int, int, bool], ...]]] = []
     if bucket <= FMA_MAX_M:  # CUDA-core FMAs: tensor cores would pad M to 16 rows
@@ -72,6 +76,8 @@ def candidates(m: int, n: int, k: int, num_sms: int) -> list[Config]:
             n_tiles = -(-n // block_n) * -(-m // block_m)
             for split in _split_choices(n_tiles, -(-k // block_k), num_sms):
                 out.append(Config(block_m, block_n, block_k, split, use_dot, prefetch, warps, _STAGES))
+    if not permuted:
+        out += [replace(c, prep_x=True) for c in out if not c.use_dot]
     return out
 
 

@@ -287,15 +287,17 @@ def _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, xsum_ptr, qzeros_ptr, s
 
 
 @triton.jit
-def _prep_x_kernel(x_ptr, perm_ptr, xs_ptr, xsum_ptr, M, K, K_PAD, stride_xm, BLOCK_R: tl.constexpr):
-    """X for the FMA path of a layer with an input permutation, once per call:
+def _prep_x_kernel(x_ptr, perm_ptr, xs_ptr, xsum_ptr, M, K, K_PAD, stride_xm, HAS_PERM: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+    """X for the FMA path, once per call (always for a layer with an input permutation):
     xs[m, k] = X[m, perm[k]] 2^64 / 16^(k % 4) in fp32 and xsum[m, r] = the sum over i < 8 of
     X[m, perm[8r + i]], both zero in the padding (rows m >= M, columns k >= K), so that the GEMM
     loads them without masks.
 
     In the GEMM every thread would gather, convert and scale each X value it uses, through a
     dependent perm load, for only the 4 columns it owns (+17-25% at M = 1); one extra launch does
-    it once.  Without a permutation that launch costs more than it saves: the GEMM reads X itself.
+    it once.  Without a permutation the launch costs more than it saves on H100 at our shapes (the
+    GEMM then reads X itself unless the tuner finds otherwise, `Config.prep_x`).
     The scale is a power of two built from its bits: exact.
     """
     m = tl.program_id(0)
@@ -303,7 +305,10 @@ def _prep_x_kernel(x_ptr, perm_ptr, xs_ptr, xsum_ptr, M, K, K_PAD, stride_xm, BL
     i = tl.arange(0, 8)
     k = r[:, None] * 8 + i[None, :]
     mask = (k < K) & (m < M)
-    col = tl.load(perm_ptr + k, mask=mask, other=0)
+    if HAS_PERM:
+        col = tl.load(perm_ptr + k, mask=mask, other=0)
+    else:
+        col = k
     x = tl.load(x_ptr + m * stride_xm + col, mask=mask, other=0.0).to(tl.float32)
     scale = ((127 + 64 - 4 * (i % 4)) << 23).to(tl.float32, bitcast=True)  # 2^(64 - 4 (i % 4))
     tl.store(xs_ptr + m * K_PAD + k, x * scale[None, :], mask=k < K_PAD)
@@ -340,6 +345,9 @@ class Config:
     prefetch: bool
     num_warps: int
     num_stages: int
+    # FMA path: X prepared by `_prep_x_kernel` even without a permutation (with one it always is); the extra launch
+    # pays only where the GEMM is issue-bound enough, which depends on the card and shape: the tuner decides.
+    prep_x: bool = False
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
@@ -375,14 +383,15 @@ def w4a16_matmul(
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     xsum = x  # read only with PREPARED_X
-    prepared = not config.use_dot and in_perm is not None
+    prepared = not config.use_dot and (in_perm is not None or config.prep_x)
     if prepared:  # gathered, converted and pre-scaled once, not per thread in the GEMM
         m_pad = triton.cdiv(m, config.block_m) * config.block_m
         k_pad = triton.cdiv(k, config.block_k) * config.block_k
         xs = torch.empty(m_pad, k_pad, dtype=torch.float32, device=x.device)
         xsum = torch.empty(m_pad, k_pad // 8, dtype=torch.float32, device=x.device)
         _prep_x_kernel[(m_pad, triton.cdiv(k_pad // 8, PREP_ROWS))](
-            x, in_perm, xs, xsum, m, k, k_pad, x.stride(0), BLOCK_R=PREP_ROWS)
+            x, x if in_perm is None else in_perm, xs, xsum, m, k, k_pad, x.stride(0),
+            HAS_PERM=in_perm is not None, BLOCK_R=PREP_ROWS)
         x, in_perm = xs, None
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)
     if config.split_k > 1:

@@ -2,6 +2,7 @@
 
     python scripts/gemm_sass_report.py                      # the configs plugins/NOTES.md quotes
     python scripts/gemm_sass_report.py --config 1,64,128,4,fma,pf --perm
+    python scripts/gemm_sass_report.py --config 2,64,128,4,fma,pf,px       # FMA path with prepared X
 
 For each config: registers, stack (spill) bytes, the SASS instructions in the K loop, those
 per weight each thread handles per loop trip, barriers, and the most common opcodes.  Uses the
@@ -28,9 +29,10 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
 DEFAULT = ("1,64,128,4,fma,pf", "1,128,128,8,fma", "16,128,128,4,dot", "16,128,128,8,dot")
 
 
-def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, perm, gidx, group_size):
+def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, perm, gidx, group_size,
+                 prep_x=False):
     """Compile one specialisation the way the launcher would (16-byte aligned pointers, split_k=1)."""
-    prepared = perm and not use_dot  # the FMA path reads a permuted X prepared by _prep_x_kernel
+    prepared = (perm or prep_x) and not use_dot  # the FMA path reads X prepared by _prep_x_kernel
     consts = dict(GROUP_SIZE=group_size, HAS_PERM=perm and use_dot, HAS_GIDX=gidx, PREPARED_X=prepared,
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, PREFETCH=prefetch, SPLIT_K=1)
     x = "fp32" if prepared else dtype
@@ -66,7 +68,7 @@ def report(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> st
     parts = spec.split(",")
     block_m, block_n, block_k, warps = map(int, parts[:4])
     kernel = compile_sm90(block_m, block_n, block_k, warps, parts[4] == "dot", "pf" in parts[5:], dtype, perm,
-                          gidx, group_size)
+                          gidx, group_size, prep_x="px" in parts[5:])
     cubin = Path("/tmp/w4a16_report.cubin")
     cubin.write_bytes(kernel.asm["cubin"])
     usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
@@ -83,7 +85,8 @@ def report(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", help="block_m,block_n,block_k,warps,fma|dot[,pf]")
+    parser.add_argument("--config", action="append",
+                        help="block_m,block_n,block_k,warps,fma|dot[,pf][,px] (pf: prefetch, px: prepared X)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--perm", action="store_true", help="fused X[:, perm] gather (FMA path: X prepared)")

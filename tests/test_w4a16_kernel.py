@@ -7,6 +7,7 @@ inputs, poisons the output with NaN first, and compares with an fp64 reference.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -94,14 +95,15 @@ def test_kernel_matches_fp64(kernel, path, dtype, group_size, variant):
     _run_case(kernel, m, 512, 64, group_size, dtype, variant, _config(kernel, path))
 
 
+@pytest.mark.parametrize("prep_x", [False, True])
 @pytest.mark.parametrize("variant", ["contig", "perm", "gidx", "perm+gidx"])
-def test_fma_small_m_reuses_nibbles_across_rows(kernel, variant):
+def test_fma_small_m_reuses_nibbles_across_rows(kernel, variant, prep_x):
     """The FMA path with BLOCK_M = 4: M = 6 fills one M block and masks two rows of the next.
 
-    With a permutation X is prepared (gathered, pre-scaled, zero-padded) by a kernel of its own;
-    K = 960 is not a multiple of the K block, so the padding is read.
+    With a permutation or `prep_x`, X is prepared (gathered, pre-scaled, zero-padded) by a kernel
+    of its own; K = 960 is not a multiple of the K block, so the padding is read.
     """
-    config = kernel.Config(4, 64, 256, 2, False, True, 4, 3)
+    config = kernel.Config(4, 64, 256, 2, False, True, 4, 3, prep_x)
     _run_case(kernel, 6, 960, 64, 64, torch.float16, variant, config)
 
 
@@ -147,6 +149,32 @@ def test_reference_check_catches_wrong_nibble_order(kernel):
     out = kernel.w4a16_matmul(x.to(DEVICE), {k: t.to(DEVICE) for k, t in swapped.items()}, 128,
                               _config(kernel, "fma"))
     assert relative_error(out.cpu(), reference(x, weights, 128)) > 0.1
+
+
+def test_tuning_candidates_and_cache_file(tmp_path, monkeypatch):
+    """FMA tiles up to M = 4, with and without prepared X unless the layer is permuted; choices survive a save/load
+    round trip next to other cards' entries, and entries written before `prep_x` existed load with it off."""
+    pytest.importorskip("triton")
+    from plugins import tuning, w4a16
+
+    monkeypatch.setattr(tuning, "_CACHE", {})
+    monkeypatch.setattr(tuning, "_LOADED", tuning._LOADED)  # `load` sets it: restored afterwards
+    for m in (1, 3, 4):
+        fma = [c for c in tuning.candidates(m, 4096, 4096, 132) if not c.use_dot]
+        assert {c.block_m for c in fma} == {tuning.m_bucket(m)} and {c.prep_x for c in fma} == {False, True}
+        assert not any(c.prep_x for c in tuning.candidates(m, 4096, 4096, 132, permuted=True))
+    assert all(c.use_dot for c in tuning.candidates(8, 4096, 4096, 132))
+    key = tuning.cache_key("card A", "contig", torch.float16, 128, 3, 4096, 4096)
+    tuning._CACHE[key] = w4a16.Config(4, 64, 128, 2, False, True, 4, 3, prep_x=True)
+    other = {"card B|contig|float16|g128|m1|n8|k8": w4a16.Config(1, 64, 128, 1, False, False, 4, 3)}
+    tuning.save(tmp_path / "c.json", other)
+    saved = tuning._CACHE.copy()
+    old_format = json.loads((tmp_path / "c.json").read_text())
+    del old_format[next(iter(other))]["prep_x"]
+    (tmp_path / "c.json").write_text(json.dumps(old_format))
+    monkeypatch.setattr(tuning, "_CACHE", {})
+    tuning.load(tmp_path / "c.json")
+    assert tuning._CACHE == {**saved, **other}
 
 
 def test_to_kernel_layout_validates():
