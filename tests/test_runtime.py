@@ -132,6 +132,19 @@ def test_modes_on_other_layouts(tiny_checkpoint, engine, mode, group_size, tp, a
     assert_exact(tiny_checkpoint("llama", group_size=group_size), folder, mode)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_same_input_layers_run_fused(tiny_checkpoint, tmp_path, shared):
+    """q/k/v and gate/up that share an act order (as GPTQ makes them) run as one matmul each on every rank; with one
+    act order per layer they cannot and run apart.  Both are exact."""
+    checkpoint = tiny_checkpoint("llama", group_size=32, shared_act_order=shared)
+    convert(checkpoint, 2, tmp_path / "engine")
+    for rank in range(2):
+        model = load_rank_model(tmp_path / "engine", Comm(rank, 2), torch.float64)
+        fused = sorted(name for name in model.linears if "+" in name)
+        assert len(fused) == (2 * model.dims.layers if shared else 0), fused
+    assert_exact(checkpoint, tmp_path / "engine", "tpaware")
+
+
 def test_a_misplaced_row_is_caught(tiny_checkpoint, engine, tmp_path):
     """The bounds have teeth: swapping two inputs of one layer on one rank moves the logits by far more than 1e-5 of
     their scale (the fp32 bound of the process test below)."""

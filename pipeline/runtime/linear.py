@@ -28,6 +28,26 @@ def shard_layer(tensors: dict[str, torch.Tensor], name: str, group_size: int) ->
                        g_idx=g_idx, group_size=group_size, bias=tensors.get(f"{name}.bias"))
 
 
+def side_by_side(layers: list[QuantLinear]) -> QuantLinear:
+    """One layer computing `layers` side by side, for layers that read the same input through the same groups (q/k/v,
+    gate/up): one matmul (one kernel launch, one input gather) instead of several."""
+    first = layers[0]
+    return QuantLinear(q=torch.cat([lay.q for lay in layers], 1), zeros=torch.cat([lay.zeros for lay in layers], 1),
+                       scales=torch.cat([lay.scales for lay in layers], 1), g_idx=first.g_idx,
+                       group_size=first.group_size,
+                       bias=None if first.bias is None else torch.cat([lay.bias for lay in layers]))
+
+
+class SplitLinear:
+    """A `side_by_side` layer whose output is split back into its members' outputs."""
+
+    def __init__(self, inner: LinearFn, sizes: list[int]):
+        self.inner, self.sizes = inner, sizes
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.inner(x).split(self.sizes, dim=-1)
+
+
 class Linear:
     """`y = x[..., in_perm] @ W + bias` with W dequantized once, in the compute dtype.
 

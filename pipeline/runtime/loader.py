@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.arch import ARCHES, Dims
+from pipeline.arch import ARCHES, Arch, Dims, layer_name
 from pipeline.plan import RankHeads
 from pipeline.rankfolder import read_manifest, read_rank
 from pipeline.runtime.comm import Comm
-from pipeline.runtime.linear import GatheredLinear, quant_linear
-from pipeline.runtime.model import LinearFn, Transformer
+from pipeline.runtime.linear import GatheredLinear, SplitLinear, quant_linear, side_by_side
+from pipeline.runtime.model import LinearFn, SplitFn, Transformer, fused_name
 from pipeline.runtime.reshard import INDEX_PARTS, RankLayer, rank_layers
 
 _LAYER_PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias", "in_perm", *INDEX_PARTS)
@@ -27,13 +27,39 @@ def load_rank_model(folder: Path, comm: Comm, dtype: torch.dtype = torch.float32
     if manifest["tp"] != comm.world_size:
         raise ValueError(f"{folder} was converted for tp={manifest['tp']}, not {comm.world_size}")
     tensors = read_rank(folder, comm.rank)
-    linears = {name: _linear(spec, comm, dtype, device, kernel)
-               for name, spec in rank_layers(folder, manifest, tensors, comm.rank, mode).items()}
+    arch, dims = ARCHES[manifest["arch"]], Dims(**manifest["dims"])
+    specs = rank_layers(folder, manifest, tensors, comm.rank, mode)
+    linears: dict[str, LinearFn | SplitFn] = {}
+    for group in _same_input_groups(arch, dims):
+        members = [specs[name] for name in group]
+        if _fusable(members):
+            for name in group:
+                del specs[name]
+            fused = RankLayer(side_by_side([m.layer for m in members]), members[0].in_perm, members[0].gather)
+            linears[fused_name(group)] = SplitLinear(_linear(fused, comm, dtype, device, kernel),
+                                                     [m.layer.out_features for m in members])
+    linears.update({name: _linear(spec, comm, dtype, device, kernel) for name, spec in specs.items()})
     quant_names = quant_tensor_names(manifest)
     dense = {k: v.to(device, dtype) for k, v in tensors.items() if k not in quant_names}
-    return Transformer(ARCHES[manifest["arch"]], Dims(**manifest["dims"]), manifest["config"],
-                       RankHeads(**manifest["heads"][comm.rank]), dense, linears, comm,
-                       masked_o_proj=manifest["attn_policy"] == "masked")
+    return Transformer(arch, dims, manifest["config"], RankHeads(**manifest["heads"][comm.rank]), dense, linears,
+                       comm, masked_o_proj=manifest["attn_policy"] == "masked")
+
+
+def _same_input_groups(arch: Arch, dims: Dims) -> list[tuple[str, ...]]:
+    """The layers that read the same activation: q/k/v and gate/up of every decoder layer."""
+    return [tuple(layer_name(arch, i, name) for name in names)
+            for i in range(dims.layers) for names in (arch.qkv, arch.mlp_in) if len(names) > 1]
+
+
+def _fusable(members: list[RankLayer]) -> bool:
+    """Whether the layers can run as one: same input order (gather, permutation) and the same groups per row."""
+    def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+        return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+    first = members[0]
+    return all(same(m.in_perm, first.in_perm) and same(m.gather, first.gather)
+               and same(m.layer.g_idx, first.layer.g_idx) and m.layer.group_size == first.layer.group_size
+               and (m.layer.bias is None) == (first.layer.bias is None) for m in members[1:])
 
 
 def quant_tensor_names(manifest: dict) -> set[str]:

@@ -22,6 +22,12 @@ from pipeline.plan import RankHeads
 from pipeline.runtime.comm import Comm
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
+SplitFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]  # layers fused side by side: one output per layer
+
+
+def fused_name(names: tuple[str, ...]) -> str:
+    """The key under which the loader stores layers fused side by side."""
+    return "+".join(names)
 
 
 class Cache(Protocol):
@@ -101,7 +107,7 @@ class StaticKVCache:
 
 class Transformer:
     def __init__(self, arch: Arch, dims: Dims, config: dict, heads: RankHeads, dense: dict[str, torch.Tensor],
-                 linears: dict[str, LinearFn], comm: Comm, masked_o_proj: bool = False):
+                 linears: dict[str, LinearFn | SplitFn], comm: Comm, masked_o_proj: bool = False):
         self.arch, self.dims, self.config, self.heads = arch, dims, config, heads
         self.dense, self.linears, self.comm, self.masked_o_proj = dense, linears, comm, masked_o_proj
         self.lm_head = dense.get(f"{arch.lm_head}.weight", dense[f"{arch.embed}.weight"])  # tied embeddings
@@ -135,6 +141,11 @@ class Transformer:
     def linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.linears[layer_name(self.arch, i, name)](x)
 
+    def linear_group(self, i: int, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs of layers that read `x`: one fused matmul when the loader could fuse them."""
+        fused = self.linears.get(fused_name(tuple(layer_name(self.arch, i, name) for name in names)))
+        return fused(x) if fused is not None else tuple(self.linear(i, name, x) for name in names)
+
     def attention(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         """This rank's partial o_proj output for its heads; without a cache, causal attention over `h` alone."""
         b, t, _ = h.shape
@@ -142,7 +153,7 @@ class Transformer:
         if len(self.arch.qkv) == 1:
             q, k, v = self.linear(i, self.arch.qkv[0], h).split([hq * d, hkv * d, hkv * d], dim=-1)
         else:
-            q, k, v = (self.linear(i, name, h) for name in self.arch.qkv)
+            q, k, v = self.linear_group(i, self.arch.qkv, h)
         q, k, v = (z.view(b, t, -1, d).transpose(1, 2) for z in (q, k, v))
         if self.arch is not GPT_BIGCODE:
             q, k = self.rope(q, positions), self.rope(k, positions)
@@ -158,7 +169,7 @@ class Transformer:
     def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """This rank's partial down_proj (c_proj) output from its slice of the intermediate."""
         if self.arch.gated:
-            gate, up = (self.linear(i, name, h) for name in self.arch.mlp_in)
+            gate, up = self.linear_group(i, self.arch.mlp_in, h)
             inner = F.silu(gate) * up
         else:
             inner = F.gelu(self.linear(i, self.arch.mlp_in[0], h), approximate="tanh")
