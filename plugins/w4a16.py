@@ -2,7 +2,9 @@
 
 One kernel, specialised by constexpr flags into the variants:
 
-* contiguous groups (group of row k is k // GROUP_SIZE), optionally gathering X[:, perm] on load;
+* contiguous groups (group of row k is k // GROUP_SIZE), optionally gathering X[:, perm]: on load
+  in the dot path; in the FMA path once per call, by `_prep_x_kernel` (PREPARED_X, also chosen
+  by the tuner without a permutation, `Config.prep_x`);
 * general `g_idx` (per-row group lookup), the slow baseline: scales and zeros are gathered per
   nibble instead of once per tile row;
 * USE_DOT picks tensor cores (one `tl.dot` per K step, computed transposed as W^T X^T so the
