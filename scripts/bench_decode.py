@@ -257,7 +257,8 @@ def write_results(out: Path, env: dict, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    parser.add_argument("--tp", default="1,2", type=ints)
+    parser.add_argument("--tp", default="1,2,4,8", type=ints,
+                        help="TP degrees; on GPUs those above the GPU count are skipped")
     parser.add_argument("--batch", default="1,2,4,8,16", type=ints)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--shape", default="8192,28672", type=ints, help="hidden,intermediate")

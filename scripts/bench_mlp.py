@@ -323,7 +323,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), type=lambda s: s.split(","))
-    parser.add_argument("--tp", default="1,2", type=lambda s: [int(v) for v in s.split(",")])
+    parser.add_argument("--tp", default="1,2,4,8", type=lambda s: [int(v) for v in s.split(",")],
+                        help="TP degrees; on GPUs those above the GPU count are skipped")
     parser.add_argument("--m", default="1,2,4,8,16", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--reps", type=int, default=200)
