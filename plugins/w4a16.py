@@ -351,6 +351,10 @@ class Config:
     # pays only where the GEMM is issue-bound enough, which depends on the card and shape: the tuner decides.
     prep_x: bool = False
 
+    def prepares_x(self, permuted: bool) -> bool:
+        """Whether X goes through `_prep_x_kernel` first: on the FMA path, always for a permuted input."""
+        return not self.use_dot and (permuted or self.prep_x)
+
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 
@@ -385,7 +389,7 @@ def w4a16_matmul(
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     xsum = x  # read only with PREPARED_X
-    prepared = not config.use_dot and (in_perm is not None or config.prep_x)
+    prepared = config.prepares_x(in_perm is not None)
     if prepared:  # gathered, converted and pre-scaled once, not per thread in the GEMM
         m_pad = triton.cdiv(m, config.block_m) * config.block_m
         k_pad = triton.cdiv(k, config.block_k) * config.block_k

@@ -145,7 +145,8 @@ def bench_shape(shape: Shape, l2: int, gen: torch.Generator, check: bool, varian
         row["us"] = time_graph(ours, copies)
         if variants:  # the fused gather is tuned on its own (its FMA path reads X prepared by a second kernel)
             op(x, weights[0]["qweight"], weights[0]["qzeros"], weights[0]["scales"], GROUP, perm)
-            row["config_perm"] = asdict(tuning.lookup(key.replace("|contig|", "|perm|")))
+            perm_key = tuning.cache_key(ops._device_info(0)[0], "perm", torch.float16, GROUP, m, shape.n, shape.k)
+            row["config_perm"] = asdict(tuning.lookup(perm_key))
             row["us_perm"] = time_graph(lambda i, x=x: (lambda: op(
                 x, weights[i]["qweight"], weights[i]["qzeros"], weights[i]["scales"], GROUP, perm)), copies)
             row["us_gidx"] = time_graph(lambda i, x=x: (lambda: w4a16_matmul(

@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plugins.w4a16 import w4a16_kernel  # noqa: E402
+from plugins.w4a16 import Config, w4a16_kernel  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
 DEFAULT = ("1,64,128,4,fma,pf", "1,128,128,8,fma", "16,128,128,4,dot", "16,128,128,8,dot")
@@ -32,7 +32,7 @@ DEFAULT = ("1,64,128,4,fma,pf", "1,128,128,8,fma", "16,128,128,4,dot", "16,128,1
 def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, perm, gidx, group_size,
                  prep_x=False):
     """Compile one specialisation the way the launcher would (16-byte aligned pointers, split_k=1)."""
-    prepared = (perm or prep_x) and not use_dot  # the FMA path reads X prepared by _prep_x_kernel
+    prepared = Config(block_m, block_n, block_k, 1, use_dot, prefetch, warps, 3, prep_x).prepares_x(perm)
     consts = dict(GROUP_SIZE=group_size, HAS_PERM=perm and use_dot, HAS_GIDX=gidx, PREPARED_X=prepared,
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, PREFETCH=prefetch, SPLIT_K=1)
     x = "fp32" if prepared else dtype
