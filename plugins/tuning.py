@@ -29,7 +29,8 @@ _FLUSH: dict[int, torch.Tensor] = {}  # per device, a buffer larger than any L2,
 _FMA_TILES = ((64, 128, 4, False), (64, 128, 4, True), (128, 128, 8, False), (128, 128, 8, True),
               (32, 128, 4, False), (64, 256, 4, True), (128, 256, 8, True), (64, 64, 4, True), (128, 64, 8, True))
 # dot tiles never prefetch by hand: Triton pipelines their weight loads (cp.async, num_stages)
-_DOT_TILES = ((128, 128, 8, False), (128, 128, 4, False), (256, 128, 8, False), (64, 128, 4, False))
+_DOT_TILES = ((128, 128, 8, False), (128, 128, 4, False), (256, 128, 8, False), (256, 64, 8, False),
+              (64, 128, 4, False))
 _STAGES = 3
 FMA_MAX_M = 4  # above it each weight feeds so many FFMAs that the tensor cores win
 
@@ -49,19 +50,23 @@ def cache_key(device: str, variant: str, dtype: torch.dtype, group_size: int, m:
 
 
 def _split_choices(tiles: int, steps: int, num_sms: int) -> list[int]:
-    """Split counts worth trying: enough programs to cover every SM, and twice that."""
+    """Split counts worth trying: from enough programs to cover every SM, doubling while under 8 programs per SM
+    (a K step's chain of loads, unpacking and products is long: more programs in flight hide it), with at least 4
+    K steps per split."""
     split = 1
     while tiles * split < num_sms and steps // (split * 2) >= 4:
         split *= 2
-    more = split * 2 if steps // (split * 2) >= 4 and tiles * split < 4 * num_sms else None
-    return [split] if more is None else [split, more]
+    splits = [split]
+    while tiles * splits[-1] < 8 * num_sms and steps // (splits[-1] * 2) >= 4:
+        splits.append(splits[-1] * 2)
+    return splits
 
 
 def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> list[Config]:
     """Configs to try for one shape; the first is the untuned default.
 
-    The FMA tiles are tried with and without prepared X, except for a layer with an input permutation
-    (`permuted`), whose FMA path always prepares X.
+    Every tile is tried with and without prepared X (`Config.prep_x`), except the FMA tiles of a layer with an
+    input permutation (`permuted`), which always prepare X.
     """
     bucket = m_bucket(m)
     families: list[tuple[int, bool, tuple[tuple[int, int, int, bool], ...]]] = []
@@ -76,9 +81,7 @@ def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> 
             n_tiles = -(-n // block_n) * -(-m // block_m)
             for split in _split_choices(n_tiles, -(-k // block_k), num_sms):
                 out.append(Config(block_m, block_n, block_k, split, use_dot, prefetch, warps, _STAGES))
-    if not permuted:
-        out += [replace(c, prep_x=True) for c in out if not c.use_dot]
-    return out
+    return out + [replace(c, prep_x=True) for c in out if c.use_dot or not permuted]
 
 
 def lookup(key: str) -> Config | None:

@@ -77,6 +77,13 @@ def _unpack_words(q, magic, dtype: tl.constexpr):
 
 
 @triton.jit
+def _pair_order(c):
+    """Row of the layer (within its 8-row word) that column c of the dot path's unpacked tile holds:
+    8 (c // 8) + PAIR_ORDER[c % 8], PAIR_ORDER = (0, 4, 1, 5, 2, 6, 3, 7) (see _unpack_words)."""
+    return (c & ~7) + ((c & 7) >> 1) + ((c & 1) << 2)
+
+
+@triton.jit
 def _nibble_bits(q, q_hi, i: tl.constexpr):
     """Nibble i of every word masked in place (no shift): the integer 16^(i % 4) * nibble.
 
@@ -154,9 +161,9 @@ def w4a16_kernel(
         else:
             q = _load_words(qweight_ptr, rows, offs_n, row_end, mask_n, N)
         if USE_DOT:
-            acc = _dot_step(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
+            acc = _dot_step(acc, q, step, magic, x_ptr, xsum_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
                             offs_m, offs_n, mask_m, mask_n, K, N, stride_xm, GROUP_SIZE,
-                            HAS_PERM, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N)
+                            HAS_PERM, HAS_GIDX, ONE_GROUP, PREPARED_X, BLOCK_K, BLOCK_N)
         else:
             acc = _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, xsum_ptr, qzeros_ptr, scales_ptr,
                             gidx_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_xm, magic,
@@ -177,9 +184,9 @@ def w4a16_kernel(
 
 
 @triton.jit
-def _dot_step(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
+def _dot_step(acc, q, step, magic, x_ptr, xsum_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
               offs_m, offs_n, mask_m, mask_n, K, N, stride_xm, GROUP_SIZE: tl.constexpr,
-              HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
+              HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, PREPARED_X: tl.constexpr,
               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """acc + (X[:, k-block] @ dequant(W[k-block]))^T for one K step on the tensor cores.
 
@@ -199,16 +206,18 @@ def _dot_step(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx
         XS: tl.constexpr = 2.0**64
         UNDO: tl.constexpr = 2.0**69
         OFFSET: tl.constexpr = 128.0
-    # column c of the tile is row k_c = 8 (c // 8) + PAIR_ORDER[c % 8] (see _unpack_words)
     c = tl.arange(0, BLOCK_K)
-    offs_k = step * BLOCK_K + (c & ~7) + ((c & 7) >> 1) + ((c & 1) << 2)
+    offs_k = step * BLOCK_K + _pair_order(c)  # column c of the tile is row offs_k[c] (see _unpack_words)
     mask_k = offs_k < K
-    if HAS_PERM:
-        col = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+    if PREPARED_X:  # in the tile's K order, scaled by XS, zero-padded; row sums per step in xsum_ptr
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (step * BLOCK_K + c)[None, :])
     else:
-        col = offs_k
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :],
-                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_PERM:
+            col = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            col = offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
     # W^T row j (BLOCK_N / 8) + g is column 8g + j: the 8 adjacent columns a thread loads as
     # one vector go to rows that differ mod 8, so a warp's 16-byte shared-memory stores of
     # those rows (for the wgmma operand) hit different banks.  Vector-ordered rows were all
@@ -219,10 +228,13 @@ def _dot_step(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx
     wt = tl.reshape(_unpack_words(tl.trans(q), magic, dtype), (BLOCK_N, BLOCK_K))  # W^T
     if ONE_GROUP:
         s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE, offs_n, mask_n, N)
-        x32 = x.to(tl.float32)
-        xsum = tl.sum(x32, axis=1)
-        if XS != 1.0:
-            x = (x32 * XS).to(dtype)
+        if PREPARED_X:
+            xsum = tl.load(xsum_ptr + offs_m * (stride_xm // BLOCK_K) + step)
+        else:
+            x32 = x.to(tl.float32)
+            xsum = tl.sum(x32, axis=1)
+            if XS != 1.0:
+                x = (x32 * XS).to(dtype)
         part = tl.dot(wt, tl.trans(x))
         return acc + (part * UNDO - xsum[None, :] * (z + OFFSET)[:, None]) * s[:, None]
     # general groups: dequantize every weight (the slow path)
@@ -290,31 +302,43 @@ def _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, xsum_ptr, qzeros_ptr, s
 
 @triton.jit
 def _prep_x_kernel(x_ptr, perm_ptr, xs_ptr, xsum_ptr, M, K, K_PAD, stride_xm, HAS_PERM: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
-    """X for the FMA path, once per call (always for a layer with an input permutation):
-    xs[m, k] = X[m, perm[k]] 2^64 / 16^(k % 4) in fp32 and xsum[m, r] = the sum over i < 8 of
-    X[m, perm[8r + i]], both zero in the padding (rows m >= M, columns k >= K), so that the GEMM
-    loads them without masks.
+                   FOR_DOT: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """X as the GEMM reads it, once per call: gathered (X[:, perm]), reordered, scaled, with row
+    sums, zero in the padding (rows m >= M, columns k >= K), so that the GEMM loads it without masks.
 
-    In the GEMM every thread would gather, convert and scale each X value it uses, through a
-    dependent perm load, for only the 4 columns it owns (+17-25% at M = 1); one extra launch does
-    it once.  Without a permutation the launch costs more than it saves on H100 at our shapes (the
-    GEMM then reads X itself unless the tuner finds otherwise, `Config.prep_x`).
-    The scale is a power of two built from its bits: exact.
+    * FMA path: xs[m, k] = X[m, perm[k]] 2^64 / 16^(k % 4) in fp32 (the scale is a power of two
+      built from its bits: exact), and xsum[m, r] = the sum of X[m, perm[8r + i]] over i < 8.
+    * dot path (FOR_DOT): xs in X's dtype, column c of each 8-row word holding row PAIR_ORDER[c % 8]
+      (the unpacked tile's K order), bf16 scaled by 2^64 (see `_dot_step`); xsum per K step of
+      SUM_ROWS words.
+    In the GEMM every thread would gather, convert and sum each X value it uses, for only the
+    columns it owns, and the dot path again for every N tile: one extra launch does it once.
     """
     m = tl.program_id(0)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     i = tl.arange(0, 8)
-    k = r[:, None] * 8 + i[None, :]
+    if FOR_DOT:
+        k = r[:, None] * 8 + _pair_order(i)[None, :]
+    else:
+        k = r[:, None] * 8 + i[None, :]
     mask = (k < K) & (m < M)
     if HAS_PERM:
         col = tl.load(perm_ptr + k, mask=mask, other=0)
     else:
         col = k
     x = tl.load(x_ptr + m * stride_xm + col, mask=mask, other=0.0).to(tl.float32)
-    scale = ((127 + 64 - 4 * (i % 4)) << 23).to(tl.float32, bitcast=True)  # 2^(64 - 4 (i % 4))
-    tl.store(xs_ptr + m * K_PAD + k, x * scale[None, :], mask=k < K_PAD)
-    tl.store(xsum_ptr + m * (K_PAD // 8) + r, tl.sum(x, axis=1), mask=r < K_PAD // 8)
+    out = r[:, None] * 8 + i[None, :]
+    if FOR_DOT:
+        if xs_ptr.dtype.element_ty == tl.bfloat16:
+            tl.store(xs_ptr + m * K_PAD + out, (x * 2.0**64).to(tl.bfloat16), mask=out < K_PAD)
+        else:
+            tl.store(xs_ptr + m * K_PAD + out, x.to(xs_ptr.dtype.element_ty), mask=out < K_PAD)
+    else:
+        scale = ((127 + 64 - 4 * (i % 4)) << 23).to(tl.float32, bitcast=True)  # 2^(64 - 4 (i % 4))
+        tl.store(xs_ptr + m * K_PAD + out, x * scale[None, :], mask=out < K_PAD)
+    sums = tl.sum(tl.reshape(tl.sum(x, axis=1), (BLOCK_R // SUM_ROWS, SUM_ROWS)), axis=1)
+    block = tl.program_id(1) * (BLOCK_R // SUM_ROWS) + tl.arange(0, BLOCK_R // SUM_ROWS)
+    tl.store(xsum_ptr + m * (K_PAD // (8 * SUM_ROWS)) + block, sums, mask=block < K_PAD // (8 * SUM_ROWS))
 
 
 @triton.jit
@@ -347,13 +371,14 @@ class Config:
     prefetch: bool
     num_warps: int
     num_stages: int
-    # FMA path: X prepared by `_prep_x_kernel` even without a permutation (with one it always is); the extra launch
-    # pays only where the GEMM is issue-bound enough, which depends on the card and shape: the tuner decides.
+    # X prepared by `_prep_x_kernel` (the FMA path always prepares a permuted X); the extra launch pays only where
+    # the GEMM spends enough on X, which depends on the path, card and shape: the tuner decides.
     prep_x: bool = False
 
     def prepares_x(self, permuted: bool) -> bool:
-        """Whether X goes through `_prep_x_kernel` first: on the FMA path, always for a permuted input."""
-        return not self.use_dot and (permuted or self.prep_x)
+        """Whether X goes through `_prep_x_kernel` first: if the tuner chose so, and on the FMA path always for a
+        permuted input."""
+        return self.prep_x or (permuted and not self.use_dot)
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
@@ -382,22 +407,23 @@ def w4a16_matmul(
     """Launch the kernel on a contiguous [M, K] `x`; returns [M, N] in x's dtype (into `out` if given)."""
     qweight = weights["qweight"]
     if config.use_dot and (g_idx is not None or config.block_k > group_size):
-        # the per-weight dequantization path needs far more registers and shared memory
-        config = replace(config, block_n=min(config.block_n, 64), num_stages=1)
+        # the per-weight dequantization path needs far more registers and shared memory, and reads X as it is
+        config = replace(config, block_n=min(config.block_n, 64), num_stages=1, prep_x=False)
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     xsum = x  # read only with PREPARED_X
     prepared = config.prepares_x(in_perm is not None)
-    if prepared:  # gathered, converted and pre-scaled once, not per thread in the GEMM
+    if prepared:  # gathered, converted, ordered and summed once, not per thread in the GEMM
         m_pad = triton.cdiv(m, config.block_m) * config.block_m
         k_pad = triton.cdiv(k, config.block_k) * config.block_k
-        xs = torch.empty(m_pad, k_pad, dtype=torch.float32, device=x.device)
-        xsum = torch.empty(m_pad, k_pad // 8, dtype=torch.float32, device=x.device)
+        sum_rows = config.block_k // 8 if config.use_dot else 1
+        xs = torch.empty(m_pad, k_pad, dtype=x.dtype if config.use_dot else torch.float32, device=x.device)
+        xsum = torch.empty(m_pad, k_pad // (8 * sum_rows), dtype=torch.float32, device=x.device)
         _prep_x_kernel[(m_pad, triton.cdiv(k_pad // 8, PREP_ROWS))](
             x, x if in_perm is None else in_perm, xs, xsum, m, k, k_pad, x.stride(0),
-            HAS_PERM=in_perm is not None, BLOCK_R=PREP_ROWS)
+            HAS_PERM=in_perm is not None, FOR_DOT=config.use_dot, SUM_ROWS=sum_rows, BLOCK_R=PREP_ROWS)
         x, in_perm = xs, None
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)
     if config.split_k > 1:

@@ -3,6 +3,7 @@
     python scripts/gemm_sass_report.py                      # the configs plugins/NOTES.md quotes
     python scripts/gemm_sass_report.py --config 1,64,128,4,fma,pf --perm
     python scripts/gemm_sass_report.py --config 2,64,128,4,fma,pf,px       # FMA path with prepared X
+    python scripts/gemm_sass_report.py --config 16,128,128,4,dot,px        # dot path with prepared X
 
 For each config: registers, stack (spill) bytes, the SASS instructions in the K loop, those
 per weight each thread handles per loop trip, barriers, and the most common opcodes.  Uses the
@@ -35,8 +36,8 @@ def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, per
     prepared = Config(block_m, block_n, block_k, 1, use_dot, prefetch, warps, 3, prep_x).prepares_x(perm)
     consts = dict(GROUP_SIZE=group_size, HAS_PERM=perm and use_dot, HAS_GIDX=gidx, PREPARED_X=prepared,
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, PREFETCH=prefetch, SPLIT_K=1)
-    x = "fp32" if prepared else dtype
-    pointers = {"x_ptr": x, "xsum_ptr": x, "out_ptr": dtype, "ws_ptr": dtype, "lock_ptr": dtype,
+    x = "fp32" if prepared and not use_dot else dtype  # the FMA path's prepared X is fp32
+    pointers = {"x_ptr": x, "xsum_ptr": "fp32" if prepared else x, "out_ptr": dtype, "ws_ptr": dtype, "lock_ptr": dtype,
                 "scales_ptr": "fp16", "perm_ptr": "i64" if perm else "i32"}
     sig, attrs = {}, {}
     for i, name in enumerate(w4a16_kernel.arg_names):
