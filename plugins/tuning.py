@@ -65,8 +65,8 @@ def _split_choices(tiles: int, steps: int, num_sms: int) -> list[int]:
 def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> list[Config]:
     """Configs to try for one shape; the first is the untuned default.
 
-    Every tile is tried with and without prepared X (`Config.prep_x`), except the FMA tiles of a layer with an
-    input permutation (`permuted`), which always prepare X.
+    The FMA tiles are tried with and without prepared X (`Config.prep_x`), except for a layer with an input
+    permutation (`permuted`), whose FMA path always prepares X, like every dot tile.
     """
     bucket = m_bucket(m)
     families: list[tuple[int, bool, tuple[tuple[int, int, int, bool], ...]]] = []
@@ -81,7 +81,7 @@ def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> 
             n_tiles = -(-n // block_n) * -(-m // block_m)
             for split in _split_choices(n_tiles, -(-k // block_k), num_sms):
                 out.append(Config(block_m, block_n, block_k, split, use_dot, prefetch, warps, _STAGES))
-    return out + [replace(c, prep_x=True) for c in out if c.use_dot or not permuted]
+    return out + [replace(c, prep_x=True) for c in out if not (c.use_dot or permuted)]
 
 
 def lookup(key: str) -> Config | None:

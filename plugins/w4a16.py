@@ -145,8 +145,17 @@ def w4a16_kernel(
 
     if USE_DOT:  # transposed, [N, M]: the weights are the dot's first operand (see _dot_step)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        offs_wt = _relabel_columns(offs_n, BLOCK_N)  # the column of each W^T row
+        mask_wt = offs_wt < N
     else:
         acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
+    # The dot path within groups loads the next step's scales, zeros and X row sums a step ahead: Triton pipelines
+    # only the loads that feed the dot, and these would wait on memory every step.
+    META_AHEAD: tl.constexpr = USE_DOT and ONE_GROUP
+    if META_AHEAD:
+        tl.static_assert(PREPARED_X, "the dot path within groups reads X prepared by _prep_x_kernel")
+        s_next, z_next, xsum_next = _dot_meta(first, scales_ptr, qzeros_ptr, xsum_ptr, offs_wt, mask_wt, offs_m, N,
+                                              stride_xm, GROUP_SIZE, BLOCK_K)
 
     row_end = tl.minimum(last * ROWS, K // 8)
     if PREFETCH:
@@ -160,16 +169,21 @@ def w4a16_kernel(
             q_next = _load_words(qweight_ptr, rows + ROWS, offs_n, row_end, mask_n, N)
         else:
             q = _load_words(qweight_ptr, rows, offs_n, row_end, mask_n, N)
-        if USE_DOT:
-            acc = _dot_step(acc, q, step, magic, x_ptr, xsum_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
-                            offs_m, offs_n, mask_m, mask_n, K, N, stride_xm, GROUP_SIZE,
-                            HAS_PERM, HAS_GIDX, ONE_GROUP, PREPARED_X, BLOCK_K, BLOCK_N)
+        if META_AHEAD:
+            s, z, xsum = s_next, z_next, xsum_next
+            s_next, z_next, xsum_next = _dot_meta(tl.minimum(step + 1, last - 1), scales_ptr, qzeros_ptr, xsum_ptr,
+                                                  offs_wt, mask_wt, offs_m, N, stride_xm, GROUP_SIZE, BLOCK_K)
+            acc = _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, stride_xm, BLOCK_K, BLOCK_N)
+        elif USE_DOT:
+            acc = _dot_step_dequant(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, offs_m,
+                                    offs_wt, mask_m, mask_wt, K, N, stride_xm, GROUP_SIZE, HAS_PERM, HAS_GIDX,
+                                    BLOCK_K, BLOCK_N)
         else:
             acc = _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, xsum_ptr, qzeros_ptr, scales_ptr,
                             gidx_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_xm, magic,
                             GROUP_SIZE, HAS_GIDX, ONE_GROUP, PREPARED_X, BLOCK_K)
 
-    if USE_DOT:  # back from the rows' column order in _dot_step
+    if USE_DOT:  # back from the rows' column order (see _relabel_columns)
         result = tl.reshape(tl.permute(tl.reshape(tl.trans(acc), (BLOCK_M, 8, BLOCK_N // 8)), (0, 2, 1)),
                             (BLOCK_M, BLOCK_N))
     else:
@@ -184,67 +198,81 @@ def w4a16_kernel(
 
 
 @triton.jit
-def _dot_step(acc, q, step, magic, x_ptr, xsum_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
-              offs_m, offs_n, mask_m, mask_n, K, N, stride_xm, GROUP_SIZE: tl.constexpr,
-              HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, PREPARED_X: tl.constexpr,
-              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc + (X[:, k-block] @ dequant(W[k-block]))^T for one K step on the tensor cores.
+def _relabel_columns(t, BLOCK_N: tl.constexpr):
+    """The dot path's W^T row order: row j (BLOCK_N / 8) + g holds column 8g + j (last axis of `t`).
 
-    The dot takes the raw nibbles as tiny floats (see `_unpack_words`): with one group per
-    step, zero point, offset and scale are applied once to the fp32 product,
-    (q X 2^P / XS - (z + OFFSET) sum(X)) s, so no per-weight arithmetic follows the LOP3.
-    The product is computed transposed, W^T X^T: the [BLOCK_N, BLOCK_K] weights are the first
-    operand (M side, 64-row wgmma tiles, taken from registers) and X^T the narrow second one,
-    so the 16-row padding of X costs no weight traffic through shared memory.
+    The 8 adjacent columns a thread loads as one vector go to rows that differ mod 8, so a warp's
+    16-byte shared-memory stores of those rows (for the wgmma operand) hit different banks.
+    Vector-ordered rows were all equal mod 8: ncu counted 26 M store bank conflicts and the kernel
+    ran 250 µs flat in M.
+    """
+    lead: tl.constexpr = t.numel // BLOCK_N
+    t = tl.permute(tl.reshape(t, (lead, BLOCK_N // 8, 8)), (0, 2, 1))
+    return tl.reshape(t, (BLOCK_N,)) if lead == 1 else tl.reshape(t, (lead, BLOCK_N))
+
+
+@triton.jit
+def _dot_weights(q, magic, dtype: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W^T [BLOCK_N, BLOCK_K] of one K step: raw nibbles as tiny floats, rows relabelled, columns in
+    PAIR_ORDER within each word (see `_unpack_words`)."""
+    return tl.reshape(_unpack_words(tl.trans(_relabel_columns(q, BLOCK_N)), magic, dtype), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dot_meta(step, scales_ptr, qzeros_ptr, xsum_ptr, offs_wt, mask_wt, offs_m, N, stride_xm,
+              GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(scale, zero point) of the step's group for the W^T rows and the prepared X's row sums of the step."""
+    s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE, offs_wt, mask_wt, N)
+    xsum = tl.load(xsum_ptr + offs_m * (stride_xm // BLOCK_K) + step)
+    return s, z, xsum
+
+
+@triton.jit
+def _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, stride_xm, BLOCK_K: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """acc + (X[:, k-block] @ dequant(W[k-block]))^T for one K step inside one group, on the tensor cores.
+
+    The dot takes the raw nibbles as tiny floats (see `_unpack_words`) and zero point, offset and
+    scale are applied once to the fp32 product, (q X 2^P / XS - (z + OFFSET) sum(X)) s, so no
+    per-weight arithmetic follows the LOP3.  X comes prepared (`_prep_x_kernel`: in the tile's K
+    order, times XS, zero-padded, `xsum` its row sums over the step): one contiguous load that
+    Triton pipelines with the weights.  The product is computed transposed, W^T X^T: the
+    [BLOCK_N, BLOCK_K] weights are the first operand (M side, 64-row wgmma tiles, taken from
+    registers) and X^T the narrow second one, so the 16-row padding of X costs no weight traffic.
     """
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     if dtype == tl.float16:  # weights q 2^-24; X as is
-        XS: tl.constexpr = 1.0
         UNDO: tl.constexpr = 2.0**24
         OFFSET: tl.constexpr = 0.0
     else:  # weights (128 + q) 2^-133; X 2^64 (exact) keeps the products normal in fp32
-        XS: tl.constexpr = 2.0**64
         UNDO: tl.constexpr = 2.0**69
         OFFSET: tl.constexpr = 128.0
-    c = tl.arange(0, BLOCK_K)
-    offs_k = step * BLOCK_K + _pair_order(c)  # column c of the tile is row offs_k[c] (see _unpack_words)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (step * BLOCK_K + tl.arange(0, BLOCK_K))[None, :])
+    part = tl.dot(_dot_weights(q, magic, dtype, BLOCK_K, BLOCK_N), tl.trans(x))
+    return acc + (part * UNDO - xsum[None, :] * (z + OFFSET)[:, None]) * s[:, None]
+
+
+@triton.jit
+def _dot_step_dequant(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, offs_m, offs_wt,
+                      mask_m, mask_wt, K, N, stride_xm, GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr,
+                      HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_dot_step` for groups that change inside a step (g_idx, or BLOCK_K > group size), the slow path:
+    every weight is dequantized in fp32, (q - z) s, and X is read (and gathered) as it is."""
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    offs_k = step * BLOCK_K + _pair_order(tl.arange(0, BLOCK_K))  # column c of the tile is row offs_k[c]
     mask_k = offs_k < K
-    if PREPARED_X:  # in the tile's K order, scaled by XS, zero-padded; row sums per step in xsum_ptr
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (step * BLOCK_K + c)[None, :])
+    if HAS_PERM:
+        col = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
     else:
-        if HAS_PERM:
-            col = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
-        else:
-            col = offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    # W^T row j (BLOCK_N / 8) + g is column 8g + j: the 8 adjacent columns a thread loads as
-    # one vector go to rows that differ mod 8, so a warp's 16-byte shared-memory stores of
-    # those rows (for the wgmma operand) hit different banks.  Vector-ordered rows were all
-    # equal mod 8: ncu counted 26 M store bank conflicts and the kernel ran 250 µs flat in M.
-    q = tl.reshape(tl.permute(tl.reshape(q, (BLOCK_K // 8, BLOCK_N // 8, 8)), (0, 2, 1)), (BLOCK_K // 8, BLOCK_N))
-    offs_n = tl.reshape(tl.permute(tl.reshape(offs_n, (BLOCK_N // 8, 8)), (1, 0)), (BLOCK_N,))
-    mask_n = offs_n < N
-    wt = tl.reshape(_unpack_words(tl.trans(q), magic, dtype), (BLOCK_N, BLOCK_K))  # W^T
-    if ONE_GROUP:
-        s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE, offs_n, mask_n, N)
-        if PREPARED_X:
-            xsum = tl.load(xsum_ptr + offs_m * (stride_xm // BLOCK_K) + step)
-        else:
-            x32 = x.to(tl.float32)
-            xsum = tl.sum(x32, axis=1)
-            if XS != 1.0:
-                x = (x32 * XS).to(dtype)
-        part = tl.dot(wt, tl.trans(x))
-        return acc + (part * UNDO - xsum[None, :] * (z + OFFSET)[:, None]) * s[:, None]
-    # general groups: dequantize every weight (the slow path)
+        col = offs_k
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
     if HAS_GIDX:
         grp = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)[:, None]
     else:
         grp = (offs_k // GROUP_SIZE)[:, None]
-    s, z = _group_meta(scales_ptr, qzeros_ptr, grp, offs_n[None, :], mask_k[:, None] & mask_n[None, :], N)
-    q_int = (tl.trans(wt).to(tl.int16, bitcast=True) & 0xF).to(tl.float32)
-    return tl.dot(tl.trans(((q_int - z) * s).to(dtype)), tl.trans(x), acc)
+    s, z = _group_meta(scales_ptr, qzeros_ptr, grp, offs_wt[None, :], mask_k[:, None] & mask_wt[None, :], N)
+    q_int = (tl.trans(_dot_weights(q, magic, dtype, BLOCK_K, BLOCK_N)).to(tl.int16, bitcast=True) & 0xF)
+    return tl.dot(tl.trans(((q_int.to(tl.float32) - z) * s).to(dtype)), tl.trans(x), acc)
 
 
 @triton.jit
@@ -371,14 +399,14 @@ class Config:
     prefetch: bool
     num_warps: int
     num_stages: int
-    # X prepared by `_prep_x_kernel` (the FMA path always prepares a permuted X); the extra launch pays only where
-    # the GEMM spends enough on X, which depends on the path, card and shape: the tuner decides.
+    # FMA path: X prepared by `_prep_x_kernel` even without a permutation (with one it always is); the extra launch
+    # pays only where the GEMM is issue-bound enough, which depends on the card and shape: the tuner decides.
     prep_x: bool = False
 
     def prepares_x(self, permuted: bool) -> bool:
-        """Whether X goes through `_prep_x_kernel` first: if the tuner chose so, and on the FMA path always for a
-        permuted input."""
-        return self.prep_x or (permuted and not self.use_dot)
+        """Whether X goes through `_prep_x_kernel` first: always on the dot path within groups (`w4a16_matmul`
+        knows when groups change inside a step), on the FMA path for a permuted input or if the tuner chose so."""
+        return self.use_dot or permuted or self.prep_x
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
@@ -406,15 +434,15 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """Launch the kernel on a contiguous [M, K] `x`; returns [M, N] in x's dtype (into `out` if given)."""
     qweight = weights["qweight"]
-    if config.use_dot and (g_idx is not None or config.block_k > group_size):
-        # the per-weight dequantization path needs far more registers and shared memory, and reads X as it is
-        config = replace(config, block_n=min(config.block_n, 64), num_stages=1, prep_x=False)
+    dequant_dot = config.use_dot and (g_idx is not None or config.block_k > group_size)
+    if dequant_dot:  # the per-weight dequantization path needs far more registers and shared memory
+        config = replace(config, block_n=min(config.block_n, 64), num_stages=1)
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     xsum = x  # read only with PREPARED_X
-    prepared = config.prepares_x(in_perm is not None)
+    prepared = config.prepares_x(in_perm is not None) and not dequant_dot  # which reads X as it is
     if prepared:  # gathered, converted, ordered and summed once, not per thread in the GEMM
         m_pad = triton.cdiv(m, config.block_m) * config.block_m
         k_pad = triton.cdiv(k, config.block_k) * config.block_k

@@ -111,10 +111,11 @@ def test_fma_small_m_reuses_nibbles_across_rows(kernel, variant, prep_x):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["contig", "perm"])
 def test_dot_with_prepared_x(kernel, variant, dtype, k, group_size):
-    """The dot path reading X prepared by its own kernel (gathered into the tile's K order, bf16 pre-scaled, row
-    sums per K step, zero-padded): M = 17 pads the second M block; the K step (64) is one group or half of one;
-    the prep kernel's 1024-column programs cover K only partly."""
-    config = kernel.Config(16, 64, 64, 2, True, False, 4, 3, prep_x=True)
+    """The dot path reads X prepared by its own kernel (gathered into the tile's K order, bf16 pre-scaled, row sums
+    per K step, zero-padded) and loads scales, zeros and row sums a step ahead: M = 17 pads the second M block; the
+    K step (64) is one group or half of one; 3 splits of 4-5 steps; the prep kernel's 1024-column programs cover K
+    only partly."""
+    config = kernel.Config(16, 64, 64, 3, True, False, 4, 3)
     _run_case(kernel, 17, k, 64, group_size, dtype, variant, config)
 
 
@@ -163,9 +164,8 @@ def test_reference_check_catches_wrong_nibble_order(kernel):
 
 
 def test_tuning_candidates_and_cache_file(tmp_path, monkeypatch):
-    """FMA tiles up to M = 4, with and without prepared X unless the layer is permuted (dot tiles with and without
-    always); choices survive a save/load round trip next to other cards' entries, and entries written before
-    `prep_x` existed load with it off."""
+    """FMA tiles up to M = 4, with and without prepared X unless the layer is permuted; choices survive a save/load
+    round trip next to other cards' entries, and entries written before `prep_x` existed load with it off."""
     pytest.importorskip("triton")
     from plugins import tuning, w4a16
 
@@ -174,10 +174,8 @@ def test_tuning_candidates_and_cache_file(tmp_path, monkeypatch):
     for m in (1, 3, 4):
         fma = [c for c in tuning.candidates(m, 4096, 4096, 132) if not c.use_dot]
         assert {c.block_m for c in fma} == {tuning.m_bucket(m)} and {c.prep_x for c in fma} == {False, True}
-        permuted = tuning.candidates(m, 4096, 4096, 132, permuted=True)
-        assert not any(c.prep_x for c in permuted if not c.use_dot)
-    dot = tuning.candidates(8, 4096, 4096, 132)
-    assert all(c.use_dot for c in dot) and {c.prep_x for c in dot} == {False, True}
+        assert not any(c.prep_x for c in tuning.candidates(m, 4096, 4096, 132, permuted=True))
+    assert all(c.use_dot and not c.prep_x for c in tuning.candidates(8, 4096, 4096, 132))
     key = tuning.cache_key("card A", "contig", torch.float16, 128, 3, 4096, 4096)
     tuning._CACHE[key] = w4a16.Config(4, 64, 128, 2, False, True, 4, 3, prep_x=True)
     other = {"card B|contig|float16|g128|m1|n8|k8": w4a16.Config(1, 64, 128, 1, False, False, 4, 3)}
