@@ -154,8 +154,8 @@ def w4a16_kernel(
     META_AHEAD: tl.constexpr = USE_DOT and ONE_GROUP
     if META_AHEAD:
         tl.static_assert(PREPARED_X, "the dot path within groups reads X prepared by _prep_x_kernel")
-        s_next, z_next, xsum_next = _dot_meta(first, scales_ptr, qzeros_ptr, xsum_ptr, offs_wt, mask_wt, offs_m, N,
-                                              stride_xm, GROUP_SIZE, BLOCK_K)
+        s_next, z_next, xsum_next = _dot_meta(first, scales_ptr, qzeros_ptr, xsum_ptr, offs_wt, mask_wt, offs_m,
+                                              mask_m, N, stride_xm, GROUP_SIZE, BLOCK_K)
 
     row_end = tl.minimum(last * ROWS, K // 8)
     if PREFETCH:
@@ -172,8 +172,8 @@ def w4a16_kernel(
         if META_AHEAD:
             s, z, xsum = s_next, z_next, xsum_next
             s_next, z_next, xsum_next = _dot_meta(tl.minimum(step + 1, last - 1), scales_ptr, qzeros_ptr, xsum_ptr,
-                                                  offs_wt, mask_wt, offs_m, N, stride_xm, GROUP_SIZE, BLOCK_K)
-            acc = _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, stride_xm, BLOCK_K, BLOCK_N)
+                                                  offs_wt, mask_wt, offs_m, mask_m, N, stride_xm, GROUP_SIZE, BLOCK_K)
+            acc = _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, mask_m, stride_xm, BLOCK_K, BLOCK_N)
         elif USE_DOT:
             acc = _dot_step_dequant(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, offs_m,
                                     offs_wt, mask_m, mask_wt, K, N, stride_xm, GROUP_SIZE, HAS_PERM, HAS_GIDX,
@@ -219,24 +219,24 @@ def _dot_weights(q, magic, dtype: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _dot_meta(step, scales_ptr, qzeros_ptr, xsum_ptr, offs_wt, mask_wt, offs_m, N, stride_xm,
+def _dot_meta(step, scales_ptr, qzeros_ptr, xsum_ptr, offs_wt, mask_wt, offs_m, mask_m, N, stride_xm,
               GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """(scale, zero point) of the step's group for the W^T rows and the prepared X's row sums of the step."""
     s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE, offs_wt, mask_wt, N)
-    xsum = tl.load(xsum_ptr + offs_m * (stride_xm // BLOCK_K) + step)
+    xsum = tl.load(xsum_ptr + offs_m * (stride_xm // BLOCK_K) + step, mask=mask_m, other=0.0)
     return s, z, xsum
 
 
 @triton.jit
-def _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, stride_xm, BLOCK_K: tl.constexpr,
+def _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, mask_m, stride_xm, BLOCK_K: tl.constexpr,
               BLOCK_N: tl.constexpr):
     """acc + (X[:, k-block] @ dequant(W[k-block]))^T for one K step inside one group, on the tensor cores.
 
     The dot takes the raw nibbles as tiny floats (see `_unpack_words`) and zero point, offset and
     scale are applied once to the fp32 product, (q X 2^P / XS - (z + OFFSET) sum(X)) s, so no
     per-weight arithmetic follows the LOP3.  X comes prepared (`_prep_x_kernel`: in the tile's K
-    order, times XS, zero-padded, `xsum` its row sums over the step): one contiguous load that
-    Triton pipelines with the weights.  The product is computed transposed, W^T X^T: the
+    order, times XS, zero-padded along K, `xsum` its row sums over the step): one contiguous load
+    that Triton pipelines with the weights.  The product is computed transposed, W^T X^T: the
     [BLOCK_N, BLOCK_K] weights are the first operand (M side, 64-row wgmma tiles, taken from
     registers) and X^T the narrow second one, so the 16-row padding of X costs no weight traffic.
     """
@@ -247,7 +247,8 @@ def _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, stride_xm, BLOCK_K
     else:  # weights (128 + q) 2^-133; X 2^64 (exact) keeps the products normal in fp32
         UNDO: tl.constexpr = 2.0**69
         OFFSET: tl.constexpr = 128.0
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (step * BLOCK_K + tl.arange(0, BLOCK_K))[None, :])
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (step * BLOCK_K + tl.arange(0, BLOCK_K))[None, :],
+                mask=mask_m[:, None], other=0.0)  # rows past M are not read: the tensor cores pad them with zeros
     part = tl.dot(_dot_weights(q, magic, dtype, BLOCK_K, BLOCK_N), tl.trans(x))
     return acc + (part * UNDO - xsum[None, :] * (z + OFFSET)[:, None]) * s[:, None]
 
@@ -444,7 +445,8 @@ def w4a16_matmul(
     xsum = x  # read only with PREPARED_X
     prepared = config.prepares_x(in_perm is not None) and not dequant_dot  # which reads X as it is
     if prepared:  # gathered, converted, ordered and summed once, not per thread in the GEMM
-        m_pad = triton.cdiv(m, config.block_m) * config.block_m
+        # the FMA path reads whole M blocks unmasked; the dot path masks rows past M (no traffic for them)
+        m_pad = m if config.use_dot else triton.cdiv(m, config.block_m) * config.block_m
         k_pad = triton.cdiv(k, config.block_k) * config.block_k
         sum_rows = config.block_k // 8 if config.use_dot else 1
         xs = torch.empty(m_pad, k_pad, dtype=x.dtype if config.use_dot else torch.float32, device=x.device)
