@@ -36,7 +36,7 @@ DENORM_UNDO = tl.constexpr(2.0**85)  # 2^149 / 2^64: turns the accumulated sum b
 X_UNDO = tl.constexpr(2.0**-64)  # FMA g_idx path: undoes X's 2^64 (its 16^-e cancels the weight's 16^e)
 PREP_ROWS = 128  # packed rows of X per `_prep_x_kernel` program
 MAGIC = tl.constexpr(0x4B000000)  # bit pattern of 2.0**23; OR-ing a value < 2**23 into it gives 2**23 + value
-# dot path, OR-ed into both 16-bit halves of the masked words (see _unpack_words)
+# dot path, OR-ed into both 16-bit halves of the masked words (see _dot_weights)
 PAIR_MAGIC = {torch.float16: 0, torch.bfloat16: 0x00800080}
 
 
@@ -56,30 +56,9 @@ def _group_meta(scales_ptr, qzeros_ptr, grp, offs_n, mask, N):
 
 
 @triton.jit
-def _unpack_words(q, magic, dtype: tl.constexpr):
-    """[.., ROWS] words -> [.., ROWS, 4, 2] tiny floats (OFFSET + nibble) * 2^-P, exact.
-
-    Flattened to [.., BLOCK_K], column 8r + c holds nibble PAIR_ORDER[c] = c // 2 + 4 (c % 2) of word r: masking a word
-    with 0x000F000F keeps nibbles e and e + 4 in its two 16-bit halves.  Read as fp16, a half
-    is the subnormal nibble * 2^-24; in bf16, OR-ing `magic` = 0x00800080 makes each half the
-    normal (128 + nibble) * 2^-133 (tensor cores may flush bf16 subnormals).  Mask and OR are
-    one LOP3 (`magic` in a register), so one shift and one LOP3 per two weights.  The halves
-    become tensor elements with no arithmetic: the joins only add register dimensions, so the
-    nibbles stay in the thread that loaded the word.
-    """
-    p0 = (q & 0x000F000F) | magic
-    p1 = ((q >> 4) & 0x000F000F) | magic
-    p2 = ((q >> 8) & 0x000F000F) | magic
-    p3 = ((q >> 12) & 0x000F000F) | magic
-    w = tl.join(tl.join(p0, p2), tl.join(p1, p3))  # [.., 2, 2]: flattened, nibble pair e
-    w = tl.join(w.to(tl.int16), (w >> 16).to(tl.int16))  # [.., 4 (e), 2 (low, high half)]
-    return w.to(dtype, bitcast=True)
-
-
-@triton.jit
 def _pair_order(c):
     """Row of the layer (within its 8-row word) that column c of the dot path's unpacked tile holds:
-    8 (c // 8) + PAIR_ORDER[c % 8], PAIR_ORDER = (0, 4, 1, 5, 2, 6, 3, 7) (see _unpack_words)."""
+    8 (c // 8) + PAIR_ORDER[c % 8], PAIR_ORDER = (0, 4, 1, 5, 2, 6, 3, 7) (see _dot_weights)."""
     return (c & ~7) + ((c & 7) >> 1) + ((c & 1) << 2)
 
 
@@ -145,8 +124,6 @@ def w4a16_kernel(
 
     if USE_DOT:  # transposed, [N, M]: the weights are the dot's first operand (see _dot_step)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        offs_wt = _relabel_columns(offs_n, BLOCK_N)  # the column of each W^T row
-        mask_wt = offs_wt < N
     else:
         acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
     # The dot path within groups loads the next step's scales, zeros and X row sums a step ahead: Triton pipelines
@@ -154,7 +131,7 @@ def w4a16_kernel(
     META_AHEAD: tl.constexpr = USE_DOT and ONE_GROUP
     if META_AHEAD:
         tl.static_assert(PREPARED_X, "the dot path within groups reads X prepared by _prep_x_kernel")
-        s_next, z_next, xsum_next = _dot_meta(first, scales_ptr, qzeros_ptr, xsum_ptr, offs_wt, mask_wt, offs_m,
+        s_next, z_next, xsum_next = _dot_meta(first, scales_ptr, qzeros_ptr, xsum_ptr, offs_n, mask_n, offs_m,
                                               mask_m, N, stride_xm, GROUP_SIZE, BLOCK_K)
 
     row_end = tl.minimum(last * ROWS, K // 8)
@@ -172,20 +149,19 @@ def w4a16_kernel(
         if META_AHEAD:
             s, z, xsum = s_next, z_next, xsum_next
             s_next, z_next, xsum_next = _dot_meta(tl.minimum(step + 1, last - 1), scales_ptr, qzeros_ptr, xsum_ptr,
-                                                  offs_wt, mask_wt, offs_m, mask_m, N, stride_xm, GROUP_SIZE, BLOCK_K)
+                                                  offs_n, mask_n, offs_m, mask_m, N, stride_xm, GROUP_SIZE, BLOCK_K)
             acc = _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, mask_m, stride_xm, BLOCK_K, BLOCK_N)
         elif USE_DOT:
             acc = _dot_step_dequant(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, offs_m,
-                                    offs_wt, mask_m, mask_wt, K, N, stride_xm, GROUP_SIZE, HAS_PERM, HAS_GIDX,
+                                    offs_n, mask_m, mask_n, K, N, stride_xm, GROUP_SIZE, HAS_PERM, HAS_GIDX,
                                     BLOCK_K, BLOCK_N)
         else:
             acc = _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, xsum_ptr, qzeros_ptr, scales_ptr,
                             gidx_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_xm, magic,
                             GROUP_SIZE, HAS_GIDX, ONE_GROUP, PREPARED_X, BLOCK_K)
 
-    if USE_DOT:  # back from the rows' column order (see _relabel_columns)
-        result = tl.reshape(tl.permute(tl.reshape(tl.trans(acc), (BLOCK_M, 8, BLOCK_N // 8)), (0, 2, 1)),
-                            (BLOCK_M, BLOCK_N))
+    if USE_DOT:
+        result = tl.trans(acc)
     else:
         result = tl.sum(acc, axis=1)
     mask_o = mask_m[:, None] & mask_n[None, :]
@@ -198,31 +174,36 @@ def w4a16_kernel(
 
 
 @triton.jit
-def _relabel_columns(t, BLOCK_N: tl.constexpr):
-    """The dot path's W^T row order: row j (BLOCK_N / 8) + g holds column 8g + j (last axis of `t`).
-
-    The 8 adjacent columns a thread loads as one vector go to rows that differ mod 8, so a warp's
-    16-byte shared-memory stores of those rows (for the wgmma operand) hit different banks.
-    Vector-ordered rows were all equal mod 8: ncu counted 26 M store bank conflicts and the kernel
-    ran 250 µs flat in M.
-    """
-    lead: tl.constexpr = t.numel // BLOCK_N
-    t = tl.permute(tl.reshape(t, (lead, BLOCK_N // 8, 8)), (0, 2, 1))
-    return tl.reshape(t, (BLOCK_N,)) if lead == 1 else tl.reshape(t, (lead, BLOCK_N))
-
-
-@triton.jit
 def _dot_weights(q, magic, dtype: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """W^T [BLOCK_N, BLOCK_K] of one K step: raw nibbles as tiny floats, rows relabelled, columns in
-    PAIR_ORDER within each word (see `_unpack_words`)."""
-    return tl.reshape(_unpack_words(tl.trans(_relabel_columns(q, BLOCK_N)), magic, dtype), (BLOCK_N, BLOCK_K))
+    """W^T [BLOCK_N, BLOCK_K] of one K step from its [BLOCK_K / 8, BLOCK_N] words: raw nibbles as tiny floats.
+
+    Column 8r + c holds nibble PAIR_ORDER[c] = c // 2 + 4 (c % 2) of word r: masking a word shifted
+    by 4e with 0x000F000F keeps nibbles e and e + 4 in its two 16-bit halves, the pair that a
+    tensor-core operand register holds.  Read as fp16, a half is the subnormal nibble * 2^-24; in
+    bf16, OR-ing `magic` = 0x00800080 makes it the normal (128 + nibble) * 2^-133 (tensor cores may
+    flush bf16 subnormals).  Mask and OR are one LOP3 (`magic` in a register): one shift and one
+    LOP3 per two weights.
+
+    Every pair is computed from its word broadcast along the pairs, element by element, so Triton
+    can read the words from the pipelined shared-memory tile straight into the wgmma operand
+    layout (each thread loads the words of its own pairs).  Expanding a word into its 4 pairs
+    inside one thread instead (joins) left the unpacked fp16 tile in the loading thread, and Triton
+    moved it to the operand layout through shared memory every step: 4x the weight bytes stored
+    and read back, the shared-memory pipe ~84% busy (ncu), 82 instead of 60 µs (gate_up tp2 M=16).
+    """
+    words = tl.broadcast_to(tl.trans(q)[:, :, None], (BLOCK_N, BLOCK_K // 8, 4))
+    words = tl.reshape(words, (BLOCK_N, BLOCK_K // 2))  # pair p of row n: word p // 4 of column n
+    e = tl.arange(0, BLOCK_K // 2) % 4
+    pairs = ((words >> (4 * e)[None, :]) & 0x000F000F) | magic
+    halves = tl.join(pairs.to(tl.int16), (pairs >> 16).to(tl.int16))  # [BLOCK_N, BLOCK_K / 2, 2]
+    return tl.reshape(halves, (BLOCK_N, BLOCK_K)).to(dtype, bitcast=True)
 
 
 @triton.jit
-def _dot_meta(step, scales_ptr, qzeros_ptr, xsum_ptr, offs_wt, mask_wt, offs_m, mask_m, N, stride_xm,
+def _dot_meta(step, scales_ptr, qzeros_ptr, xsum_ptr, offs_n, mask_n, offs_m, mask_m, N, stride_xm,
               GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
     """(scale, zero point) of the step's group for the W^T rows and the prepared X's row sums of the step."""
-    s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE, offs_wt, mask_wt, N)
+    s, z = _group_meta(scales_ptr, qzeros_ptr, step * BLOCK_K // GROUP_SIZE, offs_n, mask_n, N)
     xsum = tl.load(xsum_ptr + offs_m * (stride_xm // BLOCK_K) + step, mask=mask_m, other=0.0)
     return s, z, xsum
 
@@ -232,7 +213,7 @@ def _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, mask_m, stride_xm,
               BLOCK_N: tl.constexpr):
     """acc + (X[:, k-block] @ dequant(W[k-block]))^T for one K step inside one group, on the tensor cores.
 
-    The dot takes the raw nibbles as tiny floats (see `_unpack_words`) and zero point, offset and
+    The dot takes the raw nibbles as tiny floats (see `_dot_weights`) and zero point, offset and
     scale are applied once to the fp32 product, (q X 2^P / XS - (z + OFFSET) sum(X)) s, so no
     per-weight arithmetic follows the LOP3.  X comes prepared (`_prep_x_kernel`: in the tile's K
     order, times XS, zero-padded along K, `xsum` its row sums over the step): one contiguous load
@@ -254,8 +235,8 @@ def _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, mask_m, stride_xm,
 
 
 @triton.jit
-def _dot_step_dequant(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, offs_m, offs_wt,
-                      mask_m, mask_wt, K, N, stride_xm, GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr,
+def _dot_step_dequant(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, offs_m, offs_n,
+                      mask_m, mask_n, K, N, stride_xm, GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr,
                       HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """`_dot_step` for groups that change inside a step (g_idx, or BLOCK_K > group size), the slow path:
     every weight is dequantized in fp32, (q - z) s, and X is read (and gathered) as it is."""
@@ -271,7 +252,7 @@ def _dot_step_dequant(acc, q, step, magic, x_ptr, qzeros_ptr, scales_ptr, perm_p
         grp = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)[:, None]
     else:
         grp = (offs_k // GROUP_SIZE)[:, None]
-    s, z = _group_meta(scales_ptr, qzeros_ptr, grp, offs_wt[None, :], mask_k[:, None] & mask_wt[None, :], N)
+    s, z = _group_meta(scales_ptr, qzeros_ptr, grp, offs_n[None, :], mask_k[:, None] & mask_n[None, :], N)
     q_int = (tl.trans(_dot_weights(q, magic, dtype, BLOCK_K, BLOCK_N)).to(tl.int16, bitcast=True) & 0xF)
     return tl.dot(tl.trans(((q_int.to(tl.float32) - z) * s).to(dtype)), tl.trans(x), acc)
 

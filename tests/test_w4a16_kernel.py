@@ -146,7 +146,7 @@ def test_masked_m_and_n_edges(kernel):
 
 @pytest.mark.parametrize("variant", ["contig", "perm"])
 def test_dot_wide_tile_with_n_edge(kernel, variant):
-    """BLOCK_N = 128 relabels 16 column groups (see _dot_step); N = 136 also masks a partial tile."""
+    """BLOCK_N = 128: two 64-row wgmma tiles of W^T per program; N = 136 also masks a partial tile."""
     config = kernel.Config(16, 128, 128, 2, True, False, 4, 3)
     _run_case(kernel, 3, 512, 136, 128, torch.float16, variant, config)
 
