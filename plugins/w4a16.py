@@ -2,9 +2,9 @@
 
 One kernel, specialised by constexpr flags into the variants:
 
-* contiguous groups (group of row k is k // GROUP_SIZE), optionally gathering X[:, perm]: on load
-  in the dot path; in the FMA path once per call, by `_prep_x_kernel` (PREPARED_X, also chosen
-  by the tuner without a permutation, `Config.prep_x`);
+* contiguous groups (group of row k is k // GROUP_SIZE), optionally gathering X[:, perm]: once
+  per call by `_prep_x_kernel` (PREPARED_X: always on the dot path; on the FMA path for a
+  permutation, or where the tuner chose `Config.prep_x`), else on load;
 * general `g_idx` (per-row group lookup), the slow baseline: scales and zeros are gathered per
   nibble instead of once per tile row;
 * USE_DOT picks tensor cores (one `tl.dot` per K step, computed transposed as W^T X^T so the
@@ -19,7 +19,8 @@ Dequantization avoids the slow int-to-float conversion; both paths multiply the 
 read as tiny floats, and apply zero point and scale once per group and column afterwards.
 The dot path masks nibbles e and e + 4 of a word into its two 16-bit halves (one shift and one
 LOP3 per two weights), which read as fp16 are the subnormals q 2^-24 (bf16: the normal numbers
-(128 + q) 2^-133); X's K order is permuted to match.  The FMA path masks nibble i in place,
+(128 + q) 2^-133), loading the words straight in the tensor-core operand layout; X's K order is
+permuted to match.  The FMA path masks nibble i in place,
 the integer 16^e q (e = i % 4), reads it as the fp32 subnormal 16^e q 2^-149 and multiplies
 it by X pre-scaled by 2^64 / 16^e: one LOP3 and one FFMA per weight.
 """
@@ -94,9 +95,10 @@ def w4a16_kernel(
     """One [BLOCK_M, BLOCK_N] output tile over one K range (all of K unless SPLIT_K > 1).
 
     Each K step loads a [ROWS, BLOCK_N] int32 tile (ROWS = BLOCK_K / 8).
-    * dot path (`_dot_step`): the tile is expanded in registers to W^T [BLOCK_N, BLOCK_K]
-      (nibble pairs, X gathered in the same K order) and multiplied with X^T by one `tl.dot`;
-      with one group per step, zero point and scale are applied to the fp32 product once.
+    * dot path (`_dot_step`): the tile becomes W^T [BLOCK_N, BLOCK_K] in the wgmma operand
+      registers (nibble pairs, `_dot_weights`; X prepared in the same K order) and is multiplied
+      with X^T by one `tl.dot`; zero point and scale are applied to the fp32 product once per
+      step.  Groups that change inside a step take `_dot_step_dequant`.
     * FMA path (small BLOCK_M): nibble plane i (rows 8r + i) multiplies the stride-8 slice of
       each row of X and each thread sums the 8 nibbles of its words; zero and scale come once
       per row.  With PREPARED_X, X was gathered, converted and pre-scaled by `_prep_x_kernel`
