@@ -5,7 +5,8 @@
     python scripts/gemm_sass_report.py --config 2,64,128,4,fma,pf,px       # FMA path with prepared X
 
 For each config: registers, stack (spill) bytes, the SASS instructions in the K loop, those
-per weight each thread handles per loop trip, barriers, and the most common opcodes.  Uses the
+per weight each thread handles per loop trip, barriers, shared-memory stores and ldmatrix loads
+(a tile converted between register layouts through shared memory), and the most common opcodes.  Uses the
 ptxas/cuobjdump that ship inside the triton wheel, so it runs on the CPU-only CI machine.
 """
 
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import triton
@@ -66,23 +69,37 @@ def loop_body(sass: str) -> list[str]:
     return best
 
 
-def report(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> str:
+def analyse(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> dict:
+    """Compile one config (`--config` syntax) and measure its K loop."""
     parts = spec.split(",")
     block_m, block_n, block_k, warps = map(int, parts[:4])
     kernel = compile_sm90(block_m, block_n, block_k, warps, parts[4] == "dot", "pf" in parts[5:], dtype, perm,
                           gidx, group_size, prep_x="px" in parts[5:])
-    cubin = Path("/tmp/w4a16_report.cubin")
-    cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
-    sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "w4a16.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     body = loop_body(sass)
     ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?(\S+)", i).group(1) for i in body)
-    weights_per_thread = block_n * block_k / (32 * warps)
-    top = ", ".join(f"{op} {n}" for op, n in ops.most_common(8))
-    return (f"{spec:22s} regs {regs.group(1):>3s} stack {regs.group(2):>3s} smem {kernel.metadata.shared >> 10:3d} KiB  "
-            f"loop {len(body):4d} instr, "
-            f"{len(body) / weights_per_thread:5.2f}/weight, {ops['BAR.SYNC.DEFER_BLOCKING']:2d} barriers | {top}")
+    return {
+        "config": spec, "registers": int(regs.group(1)), "stack_bytes": int(regs.group(2)),
+        "shared_kib": kernel.metadata.shared >> 10, "loop_instructions": len(body),
+        "per_weight": len(body) / (block_n * block_k / (32 * warps)),
+        "barriers": ops["BAR.SYNC.DEFER_BLOCKING"],
+        # shared-memory stores and ldmatrix loads in the loop: a layout conversion of a register tile
+        "shared_stores": sum(n for op, n in ops.items() if op.startswith("STS")),
+        "ldmatrix": sum(n for op, n in ops.items() if op.startswith("LDSM")),
+        "opcodes": dict(ops.most_common()),
+    }
+
+
+def report(r: dict) -> str:
+    top = ", ".join(f"{op} {n}" for op, n in list(r["opcodes"].items())[:8])
+    return (f"{r['config']:22s} regs {r['registers']:3d} stack {r['stack_bytes']:3d} smem {r['shared_kib']:3d} KiB  "
+            f"loop {r['loop_instructions']:4d} instr, {r['per_weight']:5.2f}/weight, {r['barriers']:2d} barriers, "
+            f"{r['shared_stores']} STS, {r['ldmatrix']} LDSM | {top}")
 
 
 def main() -> None:
@@ -93,9 +110,11 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--perm", action="store_true", help="fused X[:, perm] gather (FMA path: X prepared)")
     parser.add_argument("--gidx", action="store_true", help="general g_idx path")
+    parser.add_argument("--json", action="store_true", help="one JSON object per config instead of a text line")
     args = parser.parse_args()
     for spec in args.config or DEFAULT:
-        print(report(spec, args.dtype, args.perm, args.gidx, args.group_size))
+        result = analyse(spec, args.dtype, args.perm, args.gidx, args.group_size)
+        print(json.dumps(result) if args.json else report(result))
 
 
 if __name__ == "__main__":

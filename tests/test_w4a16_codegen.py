@@ -1,0 +1,51 @@
+"""What the compiler makes of the W4A16 kernel for sm_90 (H100), checked on any machine.
+
+`scripts/gemm_sass_report.py` compiles the kernel with the ptxas inside the Triton wheel, no GPU
+needed.  These are the properties the speed rests on (plugins/NOTES.md), each of which a
+plausible rewrite has broken before: no register spills; on the tensor-core path, the weight
+words reach the wgmma operand registers without a round trip of the unpacked tile through shared
+memory (v6 stored it with STS.128 and read it back with ldmatrix every K step, and ran 1.4x
+slower); on the CUDA-core path, no barrier in the K loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gemm_sass_report.py"
+DOT = ("16,128,128,4,dot", "16,64,128,4,dot", "16,256,64,8,dot")
+FMA = ("1,64,128,4,fma,pf", "2,64,128,4,fma,pf,px")
+
+
+def _report(*args: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    out = subprocess.run([sys.executable, str(SCRIPT), "--json", *args], capture_output=True, text=True, env=env,
+                         timeout=600, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict[str, dict]:
+    configs = [arg for spec in DOT + FMA for arg in ("--config", spec)]
+    return {r["config"]: r for r in _report(*configs)}
+
+
+@pytest.mark.parametrize("spec", DOT)
+def test_dot_path_loads_words_into_the_operand_layout(reports, spec):
+    r = reports[spec]
+    assert r["stack_bytes"] == 0, r
+    assert r["ldmatrix"] == 0 and r["opcodes"].get("STS.128", 0) == 0, r  # no unpacked tile through shared memory
+    assert any(op.startswith("HGMMA") for op in r["opcodes"]), r  # wgmma, W^T from registers
+
+
+@pytest.mark.parametrize("spec", FMA)
+def test_fma_path_has_no_barriers_or_spills(reports, spec):
+    r = reports[spec]
+    assert r["stack_bytes"] == 0 and r["barriers"] == 0 and r["shared_stores"] == 0, r
