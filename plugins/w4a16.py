@@ -218,7 +218,8 @@ def _dot_step(acc, q, step, s, z, xsum, magic, x_ptr, offs_m, mask_m, stride_xm,
     The dot takes the raw nibbles as tiny floats (see `_dot_weights`) and zero point, offset and
     scale are applied once to the fp32 product, (q X 2^P / XS - (z + OFFSET) sum(X)) s, so no
     per-weight arithmetic follows the LOP3.  X comes prepared (`_prep_x_kernel`: in the tile's K
-    order, times XS, zero-padded along K, `xsum` its row sums over the step): one contiguous load
+    order, times XS (2^64 for bf16, else 1), zero-padded along K, `xsum` its row sums over the
+    step), and UNDO = 2^P / XS: one contiguous load
     that Triton pipelines with the weights.  The product is computed transposed, W^T X^T: the
     [BLOCK_N, BLOCK_K] weights are the first operand (M side, 64-row wgmma tiles, taken from
     registers) and X^T the narrow second one, so the 16-row padding of X costs no weight traffic.
@@ -316,7 +317,8 @@ def _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, xsum_ptr, qzeros_ptr, s
 def _prep_x_kernel(x_ptr, perm_ptr, xs_ptr, xsum_ptr, M, K, K_PAD, stride_xm, HAS_PERM: tl.constexpr,
                    FOR_DOT: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     """X as the GEMM reads it, once per call: gathered (X[:, perm]), reordered, scaled, with row
-    sums, zero in the padding (rows m >= M, columns k >= K), so that the GEMM loads it without masks.
+    sums, zero in the padding (columns k >= K, and rows m >= M where the FMA path reads whole M
+    blocks), so that the GEMM loads it without masks along K.
 
     * FMA path: xs[m, k] = X[m, perm[k]] 2^64 / 16^(k % 4) in fp32 (the scale is a power of two
       built from its bits: exact), and xsum[m, r] = the sum of X[m, perm[8r + i]] over i < 8.
