@@ -389,9 +389,15 @@ class Config:
     # pays only where the GEMM is issue-bound enough, which depends on the card and shape: the tuner decides.
     prep_x: bool = False
 
-    def prepares_x(self, permuted: bool) -> bool:
-        """Whether X goes through `_prep_x_kernel` first: always on the dot path within groups (`w4a16_matmul`
-        knows when groups change inside a step), on the FMA path for a permuted input or if the tuner chose so."""
+    def dequantizes(self, group_size: int, has_gidx: bool) -> bool:
+        """Whether the dot path takes its per-weight dequantizing step: groups change inside a K step."""
+        return self.use_dot and (has_gidx or self.block_k > group_size)
+
+    def prepares_x(self, permuted: bool, group_size: int, has_gidx: bool) -> bool:
+        """Whether X goes through `_prep_x_kernel` first: on the dot path within groups (the dequantizing step reads
+        X as it is), on the FMA path for a permuted input or if the tuner chose so."""
+        if self.dequantizes(group_size, has_gidx):
+            return False
         return self.use_dot or permuted or self.prep_x
 
 
@@ -420,15 +426,14 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """Launch the kernel on a contiguous [M, K] `x`; returns [M, N] in x's dtype (into `out` if given)."""
     qweight = weights["qweight"]
-    dequant_dot = config.use_dot and (g_idx is not None or config.block_k > group_size)
-    if dequant_dot:  # the per-weight dequantization path needs far more registers and shared memory
+    if config.dequantizes(group_size, g_idx is not None):  # needs far more registers and shared memory
         config = replace(config, block_n=min(config.block_n, 64), num_stages=1)
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     xsum = x  # read only with PREPARED_X
-    prepared = config.prepares_x(in_perm is not None) and not dequant_dot  # which reads X as it is
+    prepared = config.prepares_x(in_perm is not None, group_size, g_idx is not None)
     if prepared:  # gathered, converted, ordered and summed once, not per thread in the GEMM
         # the FMA path reads whole M blocks unmasked; the dot path masks rows past M (no traffic for them)
         m_pad = m if config.use_dot else triton.cdiv(m, config.block_m) * config.block_m

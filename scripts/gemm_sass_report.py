@@ -6,8 +6,8 @@
 
 For each config: registers, stack (spill) bytes, the SASS instructions in the K loop, those
 per weight each thread handles per loop trip, barriers, shared-memory stores and ldmatrix loads
-(a tile converted between register layouts through shared memory), and the most common opcodes.  Uses the
-ptxas/cuobjdump that ship inside the triton wheel, so it runs on the CPU-only CI machine.
+(a tile converted between register layouts through shared memory), and the most common opcodes.
+Uses the ptxas/cuobjdump that ship inside the triton wheel, so it runs on the CPU-only CI machine.
 """
 
 from __future__ import annotations
@@ -35,14 +35,13 @@ DEFAULT = ("1,64,128,4,fma,pf", "1,128,128,8,fma", "16,128,128,4,dot", "16,128,1
 def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, perm, gidx, group_size,
                  prep_x=False):
     """Compile one specialisation the way the launcher would (16-byte aligned pointers, split_k=1)."""
-    dequant_dot = use_dot and (gidx or block_k > group_size)  # reads X as it is (see w4a16_matmul)
-    prepared = Config(block_m, block_n, block_k, 1, use_dot, prefetch, warps, 3, prep_x).prepares_x(perm)
-    prepared = prepared and not dequant_dot
+    config = Config(block_m, block_n, block_k, 1, use_dot, prefetch, warps, 3, prep_x)
+    prepared = config.prepares_x(perm, group_size, gidx)
     consts = dict(GROUP_SIZE=group_size, HAS_PERM=perm and not prepared, HAS_GIDX=gidx, PREPARED_X=prepared,
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, PREFETCH=prefetch, SPLIT_K=1)
     x = "fp32" if prepared and not use_dot else dtype  # the FMA path's prepared X is fp32
-    pointers = {"x_ptr": x, "xsum_ptr": "fp32" if prepared else x, "out_ptr": dtype, "ws_ptr": dtype, "lock_ptr": dtype,
-                "scales_ptr": "fp16", "perm_ptr": "i64" if perm else "i32"}
+    pointers = {"x_ptr": x, "xsum_ptr": "fp32" if prepared else x, "out_ptr": dtype, "ws_ptr": dtype,
+                "lock_ptr": dtype, "scales_ptr": "fp16", "perm_ptr": "i64" if perm else "i32"}
     sig, attrs = {}, {}
     for i, name in enumerate(w4a16_kernel.arg_names):
         if name in consts:
@@ -105,7 +104,8 @@ def report(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append",
-                        help="block_m,block_n,block_k,warps,fma|dot[,pf][,px] (pf: prefetch, px: FMA path with prepared X)")
+                        help="block_m,block_n,block_k,warps,fma|dot[,pf][,px] (pf: prefetch, px: FMA path with "
+                        "prepared X)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--perm", action="store_true", help="fused X[:, perm] gather (FMA path: X prepared)")
