@@ -364,6 +364,14 @@ def bench_mlp(ctx: typer.Context) -> None:
     _bench_script("bench_mlp.py", ctx.args)
 
 
+@bench_app.command("gemm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_gemm(ctx: typer.Context) -> None:
+    """The W4A16 kernel alone at Llama-70B / Granite-20B shards vs fp16 cuBLAS and PyTorch's int4 kernel, on one
+    GPU: runs scripts/bench_gemm.py with these arguments (see `python scripts/bench_gemm.py --help`; `--check`
+    verifies every shape against fp64 first)."""
+    _bench_script("bench_gemm.py", ctx.args)
+
+
 @bench_app.command("decode", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_decode(ctx: typer.Context) -> None:
     """Time per generated token of a Llama-70B-shaped model cut to a few layers, decode step in a CUDA graph:

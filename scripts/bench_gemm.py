@@ -268,6 +268,9 @@ def main() -> None:
         saved = json.loads(args.plot.read_text())
         plot(saved["rows"], saved["copy_gbs"], args.out / "gemm.png")
         return
+    if not torch.cuda.is_available():
+        sys.exit("bench_gemm: no CUDA GPU here; the benchmark times the kernel on one (--plot redraws a gemm.json "
+                 "anywhere)")
     env = environment(sys.argv)
     print(json.dumps(env), flush=True)
     copy_gbs = copy_bandwidth()
