@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from pipeline.arch import Dims
-from pipeline.gptq.checkpoint import write_checkpoint
-from pipeline.synth import synth_checkpoint
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter.  The flag must be set before anything imports
+    # triton: it decorates its own library functions (tl.cdiv, ...) at import, as interpreted or compiled ones.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pipeline.arch import Dims  # noqa: E402
+from pipeline.gptq.checkpoint import write_checkpoint  # noqa: E402
+from pipeline.synth import synth_checkpoint  # noqa: E402
 
 TINY = {
     "llama": Dims(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=96),

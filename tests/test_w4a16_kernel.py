@@ -14,9 +14,6 @@ import random
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports plugins.w4a16
-
 from pipeline.gptq.int4 import pack_rows, unpack_rows
 from plugins.layout import to_kernel_layout
 from plugins.ops import w4a16_linear
