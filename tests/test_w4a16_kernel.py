@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.gptq.int4 import pack_rows, unpack_rows
 from plugins.layout import to_kernel_layout
 from plugins.ops import w4a16_linear
@@ -269,10 +272,6 @@ def test_cuda_graph_capture():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_bench_gemm_without_a_gpu_says_so(tmp_path, capfd):
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
     result = CliRunner().invoke(app, ["bench", "gemm", "--out", str(tmp_path / "run")])
     assert result.exit_code != 0
     assert "no CUDA GPU here" in capfd.readouterr().err
@@ -281,12 +280,6 @@ def test_bench_gemm_without_a_gpu_says_so(tmp_path, capfd):
 def test_bench_gemm_redraws_the_committed_plot(tmp_path):
     """`--plot` turns a committed gemm.json (here the H100 table's) into gemm.png on any machine."""
     pytest.importorskip("matplotlib")
-    from pathlib import Path
-
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
     saved = Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_h100.json"
     result = CliRunner().invoke(app, ["bench", "gemm", "--out", str(tmp_path), "--plot", str(saved)])
     assert result.exit_code == 0
