@@ -32,6 +32,7 @@ _FMA_TILES = ((64, 128, 4, False), (64, 128, 4, True), (128, 128, 8, False), (12
 _DOT_TILES = ((128, 128, 8, False), (128, 128, 4, False), (256, 128, 8, False), (256, 64, 8, False),
               (64, 128, 4, False))
 _STAGES = 3
+_STREAM_K_PER_SM = (2, 3, 4)
 FMA_MAX_M = 4  # above it each weight feeds so many FFMAs that the tensor cores win
 
 
@@ -65,6 +66,10 @@ def _split_choices(tiles: int, steps: int, num_sms: int) -> list[int]:
 def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> list[Config]:
     """Configs to try for one shape; the first is the untuned default.
 
+    Split-K counts for every tile, and for the tensor-core tiles also stream-K grids (`Config.programs`): where the
+    tile count is no multiple of the SM count (Llama tp=2 gate+up: 224 tiles on 132 SMs), evening the work out over
+    the programs was 5% faster at M=16 (plugins/NOTES.md).
+
     The FMA tiles are tried with and without prepared X (`Config.prep_x`), except for a layer with an input
     permutation (`permuted`), whose FMA path always prepares X, like every dot tile.
     """
@@ -81,6 +86,9 @@ def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> 
             n_tiles = -(-n // block_n) * -(-m // block_m)
             for split in _split_choices(n_tiles, -(-k // block_k), num_sms):
                 out.append(Config(block_m, block_n, block_k, split, use_dot, prefetch, warps, _STAGES))
+            if use_dot:  # stream-K: 2 to 4 programs per SM (the dot tiles fit 2 to 5), where that is more than one per tile
+                out += [Config(block_m, block_n, block_k, 1, True, False, warps, _STAGES, programs=per_sm * num_sms)
+                        for per_sm in _STREAM_K_PER_SM if per_sm * num_sms > n_tiles]
     return out + [replace(c, prep_x=True) for c in out if not (c.use_dot or permuted)]
 
 

@@ -11,9 +11,11 @@ One kernel, specialised by constexpr flags into the variants:
   weights are the wide wgmma operand and X, padded to 16 rows, the narrow one) or, for small M
   (1 to 4), CUDA-core FMAs that sum the 8 nibbles of a word inside one thread and reuse each
   unpacked nibble for every row of X;
-* SPLIT_K > 1 splits K across programs; each writes an fp32 partial, and the last program of a
-  tile (found with an atomic counter that it resets afterwards) sums them in split order, so the
-  result is deterministic and no extra kernel (memset, reduction) is launched.
+* the programs share the (output tile, K step) iterations evenly (stream-K): a program that starts
+  or ends inside a tile writes an fp32 partial, and the last part of the tile to arrive (an atomic
+  counter that it resets afterwards) sums them in program order, so the result is deterministic and
+  no extra kernel (memset, reduction) is launched.  `Config.split_k` programs per tile is split-K;
+  `Config.programs` sets the count directly (a multiple of the SM count evens out the last round).
 
 Dequantization avoids the slow int-to-float conversion; both paths multiply the raw nibbles,
 read as tiny floats, and apply zero point and scale once per group and column afterwards.
@@ -90,9 +92,82 @@ def w4a16_kernel(
     M, N, K, stride_xm, stride_om, magic,
     GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, PREPARED_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K,
+    USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, STREAM_K: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] output tile over one K range (all of K unless SPLIT_K > 1).
+    """The P programs share the T (output tile, K step) iterations: program p takes [p T / P, (p + 1) T / P).
+
+    Iterations are numbered tile by tile (M tiles fastest, so the M tiles of one weight tile run
+    together and share it through L2), K steps within a tile.  A program that covers a tile only
+    in part writes an fp32 partial, and the last part of the tile to arrive sums them
+    (`_finish_tile`).
+    * split-K (P = tiles x split): every range lies inside one tile, the K steps split evenly;
+    * STREAM_K (P >= tiles, e.g. a multiple of the SM count): a range spans at most two tiles,
+      and every program gets the same work, so no last round of programs runs half empty.
+    """
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    steps = tl.cdiv(K, BLOCK_K)
+    tiles = m_tiles * tl.cdiv(N, BLOCK_N)
+    if STREAM_K:
+        start = _range_start(pid, programs, tiles * steps)
+        end = _range_start(pid + 1, programs, tiles * steps)
+        it = start
+        for _ in tl.static_range(2):  # no longer than one tile's steps: one tile boundary at most
+            if it < end:
+                tile = it // steps
+                first = it - tile * steps
+                last = tl.minimum(steps, first + end - it)
+                _tile(x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, out_ptr, ws_ptr,
+                      lock_ptr, tile, first, last, 2 * pid + (it != start).to(tl.int32), m_tiles, steps, programs,
+                      M, N, K, stride_xm, stride_om, magic, GROUP_SIZE, HAS_PERM, HAS_GIDX, PREPARED_X,
+                      BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, PREFETCH)
+                it += last - first
+    else:  # the same ranges, written per tile (fewer registers than the general form)
+        split = programs // tiles
+        tile = pid // split
+        j = pid - tile * split
+        _tile(x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, out_ptr, ws_ptr, lock_ptr,
+              tile, j * steps // split, (j + 1) * steps // split, 2 * pid, m_tiles, steps, programs,
+              M, N, K, stride_xm, stride_om, magic, GROUP_SIZE, HAS_PERM, HAS_GIDX, PREPARED_X,
+              BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, PREFETCH)
+
+
+@triton.jit
+def _tile(x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, out_ptr, ws_ptr, lock_ptr,
+          tile, first, last, slot, m_tiles, steps, programs, M, N, K, stride_xm, stride_om, magic,
+          GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, PREPARED_X: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          USE_DOT: tl.constexpr, PREFETCH: tl.constexpr):
+    """K steps first..last-1 of output tile `tile`: the product, then stored or published as partial `slot`."""
+    offs_m = (tile % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile // m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    result = _tile_product(x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
+                           offs_m, offs_n, first, last, M, N, K, stride_xm, magic,
+                           GROUP_SIZE, HAS_PERM, HAS_GIDX, PREPARED_X, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, PREFETCH)
+    _finish_tile(result, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, tile, first, last, steps,
+                 slot, programs, m_tiles * tl.cdiv(N, BLOCK_N) * steps)
+
+
+@triton.jit
+def _range_start(p, programs, total):
+    """First iteration of program p: floor(p T / P), in 64 bits (p T exceeds 2^31 on the largest shapes)."""
+    return (tl.cast(p, tl.int32) * total // programs).to(tl.int32)
+
+
+@triton.jit
+def _range_owner(it, programs, total):
+    """The program whose range holds iteration `it`: the largest p with floor(p T / P) <= it."""
+    return ((tl.cast(it + 1, tl.int32) * programs + total - 1) // total - 1).to(tl.int32)
+
+
+@triton.jit
+def _tile_product(x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr,
+                  offs_m, offs_n, first, last, M, N, K, stride_xm, magic,
+                  GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, PREPARED_X: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  USE_DOT: tl.constexpr, PREFETCH: tl.constexpr):
+    """X[offs_m] @ dequant(W)[:, offs_n] over K steps first..last-1, fp32 [BLOCK_M, BLOCK_N].
 
     Each K step loads a [ROWS, BLOCK_N] int32 tile (ROWS = BLOCK_K / 8).
     * dot path (`_dot_step`): the tile becomes W^T [BLOCK_N, BLOCK_K] in the wgmma operand
@@ -110,20 +185,9 @@ def w4a16_kernel(
     ROWS: tl.constexpr = BLOCK_K // 8  # packed int32 rows per K step
     # One group per K step: zero and scale are one [1, BLOCK_N] row for the whole step.
     ONE_GROUP: tl.constexpr = (not HAS_GIDX) and BLOCK_K <= GROUP_SIZE
-    pid_m = tl.program_id(0)  # fastest-varying: the M tiles of one weight tile run together (L2 reuse)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
     mask_m = offs_m < M
     mask_n = offs_n < N
-
-    steps = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(steps, SPLIT_K)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, steps)
-
     if USE_DOT:  # transposed, [N, M]: the weights are the dot's first operand (see _dot_step)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -161,18 +225,10 @@ def w4a16_kernel(
             acc = _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, xsum_ptr, qzeros_ptr, scales_ptr,
                             gidx_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_xm, magic,
                             GROUP_SIZE, HAS_GIDX, ONE_GROUP, PREPARED_X, BLOCK_K)
-
     if USE_DOT:
-        result = tl.trans(acc)
+        return tl.trans(acc)
     else:
-        result = tl.sum(acc, axis=1)
-    mask_o = mask_m[:, None] & mask_n[None, :]
-    offs_o = offs_m[:, None] * stride_om + offs_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_o, result.to(out_ptr.dtype.element_ty), mask=mask_o)
-    else:
-        _split_k_reduce(result, ws_ptr, lock_ptr, out_ptr, offs_o, mask_o, offs_m, offs_n, M, N,
-                        pid_k, SPLIT_K)
+        return tl.sum(acc, axis=1)
 
 
 @triton.jit
@@ -356,21 +412,35 @@ def _prep_x_kernel(x_ptr, perm_ptr, xs_ptr, xsum_ptr, M, K, K_PAD, stride_xm, HA
 
 
 @triton.jit
-def _split_k_reduce(result, ws_ptr, lock_ptr, out_ptr, offs_o, mask_o, offs_m, offs_n, M, N,
-                    pid_k, SPLIT_K):
-    """Publish this split's partial; the last split of the tile to arrive sums all and stores."""
-    offs_ws = offs_m[:, None] * N + offs_n[None, :]
-    tl.store(ws_ptr + pid_k * M * N + offs_ws, result, mask=mask_o)
-    tl.debug_barrier()  # every thread's partial is written before the counter is bumped
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT_K - 1:
-        total = tl.zeros_like(result)
-        for split in range(SPLIT_K):  # fixed order: deterministic rounding
-            total += tl.load(ws_ptr + split * M * N + offs_ws, mask=mask_o, other=0.0,
-                             cache_modifier=".cg")
-        tl.store(out_ptr + offs_o, total.to(out_ptr.dtype.element_ty), mask=mask_o)
-        tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch, no memset needed
+def _finish_tile(result, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, tile, first, last, steps,
+                 slot, programs, total):
+    """Store a whole tile's product; a part of a tile is published as partial number `slot` (2p for program p's
+    first range of steps, 2p + 1 for its last), and the last part of the tile to arrive sums them all in program
+    order (deterministic rounding), stores, and resets the tile's arrival counter for the next launch."""
+    BLOCK_M: tl.constexpr = result.shape[0]
+    BLOCK_N: tl.constexpr = result.shape[1]
+    mask_o = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    offs_o = offs_m[:, None] * stride_om + offs_n[None, :]
+    if (first == 0) & (last == steps):
+        tl.store(out_ptr + offs_o, result.to(out_ptr.dtype.element_ty), mask=mask_o)
+    else:
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + local, result, mask=mask_o)
+        tl.debug_barrier()  # every thread's partial is written before the counter is bumped
+        tile_start = tile * steps
+        owner = _range_owner(tile_start, programs, total)
+        parts = _range_owner(tile_start + steps - 1, programs, total) - owner + 1
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == parts - 1:
+            # the tile is the first range of every program but `owner`, which may have started before it
+            owner_slot = 2 * owner + (_range_start(owner, programs, total) < tile_start).to(tl.int32)
+            acc = tl.load(ws_ptr + owner_slot * (BLOCK_M * BLOCK_N) + local, mask=mask_o, other=0.0,
+                          cache_modifier=".cg")
+            for q in tl.range(owner + 1, owner + parts, loop_unroll_factor=1):  # fixed order: deterministic rounding
+                acc += tl.load(ws_ptr + 2 * q * (BLOCK_M * BLOCK_N) + local, mask=mask_o, other=0.0,
+                               cache_modifier=".cg")
+            tl.store(out_ptr + offs_o, acc.to(out_ptr.dtype.element_ty), mask=mask_o)
+            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch, no memset needed
 
 
 @dataclass(frozen=True)
@@ -388,6 +458,15 @@ class Config:
     # FMA path: X prepared by `_prep_x_kernel` even without a permutation (with one it always is); the extra launch
     # pays only where the GEMM is issue-bound enough, which depends on the card and shape: the tuner decides.
     prep_x: bool = False
+    # Stream-K: this many programs (at least one per output tile) share all (tile, K step) iterations evenly; 0:
+    # `split_k` programs per tile.  A multiple of the SM count gives every SM the same work where tiles x split would
+    # leave a last round half empty.
+    programs: int = 0
+
+    def grid(self, m: int, n: int) -> tuple[int, int]:
+        """(programs, output tiles) of a launch on an [m, n] output; stream-K runs one program per tile at least."""
+        tiles = triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n)
+        return max(self.programs, tiles) if self.programs else tiles * self.split_k, tiles
 
     def dequantizes(self, group_size: int, has_gidx: bool) -> bool:
         """Whether the dot path takes its per-weight dequantizing step: groups change inside a K step."""
@@ -405,11 +484,11 @@ _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
 def _locks(device: torch.device, tiles: int) -> torch.Tensor:
-    """Per-device split-K arrival counters; zero between launches because the last split resets them."""
+    """Per-device arrival counters, one per output tile; zero between launches because the last part resets them."""
     buf = _LOCKS.get(device)
     if buf is None or buf.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("run the split-K shape once before CUDA-graph capture")
+            raise RuntimeError("run the shape once before CUDA-graph capture (it needs more tile counters)")
         buf = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
         _LOCKS[device] = buf
     return buf
@@ -445,13 +524,12 @@ def w4a16_matmul(
             x, x if in_perm is None else in_perm, xs, xsum, m, k, k_pad, x.stride(0),
             HAS_PERM=in_perm is not None, FOR_DOT=config.use_dot, SUM_ROWS=sum_rows, BLOCK_R=PREP_ROWS)
         x, in_perm = xs, None
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)
-    if config.split_k > 1:
-        ws = torch.empty(config.split_k, m, n, dtype=torch.float32, device=x.device)
-        locks = _locks(x.device, grid[0] * grid[1])
-    else:
-        ws = locks = out  # never touched when split_k == 1
-    w4a16_kernel[grid](
+    programs, tiles = config.grid(m, n)
+    # fp32 partials, two per program at most, where some program covers part of a tile
+    partials = 2 * programs * config.block_m * config.block_n if programs != tiles else 1
+    ws = torch.empty(partials, dtype=torch.float32, device=x.device)
+    locks = _locks(x.device, tiles)
+    w4a16_kernel[(programs,)](
         x, xsum, qweight, weights["qzeros"], weights["scales"],
         qweight if in_perm is None else in_perm,
         qweight if g_idx is None else g_idx,
@@ -459,7 +537,7 @@ def w4a16_matmul(
         m, n, k, x.stride(0), out.stride(0), PAIR_MAGIC[out.dtype] if config.use_dot else MAGIC.value,
         GROUP_SIZE=group_size, HAS_PERM=in_perm is not None, HAS_GIDX=g_idx is not None, PREPARED_X=prepared,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, PREFETCH=config.prefetch, SPLIT_K=config.split_k,
+        USE_DOT=config.use_dot, PREFETCH=config.prefetch, STREAM_K=config.programs > 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -218,9 +218,11 @@ def markdown(env: dict, copy_gbs: float, rows: list[dict]) -> str:
 
 
 def _config_text(cfg: dict) -> str:
-    """`fma|dot MxNxK sSPLIT wWARPS [pf] [px]`: pf prefetches by hand, px is the FMA path's `prep_x`."""
+    """`fma|dot MxNxK sSPLIT|pPROGRAMS wWARPS [pf] [px]`: split-K or a stream-K grid of PROGRAMS, pf prefetches by
+    hand, px is the FMA path's `prep_x`."""
+    grid = f"p{cfg['programs']}" if cfg.get("programs") else f"s{cfg['split_k']}"
     return (f"{'dot' if cfg['use_dot'] else 'fma'} {cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} "
-            f"s{cfg['split_k']} w{cfg['num_warps']}{' pf' if cfg['prefetch'] else ''}"
+            f"{grid} w{cfg['num_warps']}{' pf' if cfg['prefetch'] else ''}"
             f"{' px' if cfg.get('prep_x') else ''}")
 
 

@@ -33,15 +33,16 @@ DEFAULT = ("1,64,128,4,fma,pf", "1,128,128,8,fma", "16,128,128,4,dot", "16,128,1
 
 
 def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, perm, gidx, group_size,
-                 prep_x=False):
-    """Compile one specialisation the way the launcher would (16-byte aligned pointers, split_k=1)."""
+                 prep_x=False, stream_k=False):
+    """Compile one specialisation the way the launcher would (16-byte aligned pointers)."""
     config = Config(block_m, block_n, block_k, 1, use_dot, prefetch, warps, 3, prep_x)
     prepared = config.prepares_x(perm, group_size, gidx)
     consts = dict(GROUP_SIZE=group_size, HAS_PERM=perm and not prepared, HAS_GIDX=gidx, PREPARED_X=prepared,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, PREFETCH=prefetch, SPLIT_K=1)
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, PREFETCH=prefetch,
+                  STREAM_K=stream_k)
     x = "fp32" if prepared and not use_dot else dtype  # the FMA path's prepared X is fp32
-    pointers = {"x_ptr": x, "xsum_ptr": "fp32" if prepared else x, "out_ptr": dtype, "ws_ptr": dtype,
-                "lock_ptr": dtype, "scales_ptr": "fp16", "perm_ptr": "i64" if perm else "i32"}
+    pointers = {"x_ptr": x, "xsum_ptr": "fp32" if prepared else x, "out_ptr": dtype, "ws_ptr": "fp32",
+                "lock_ptr": "i32", "scales_ptr": "fp16", "perm_ptr": "i64" if perm else "i32"}
     sig, attrs = {}, {}
     for i, name in enumerate(w4a16_kernel.arg_names):
         if name in consts:
@@ -57,15 +58,17 @@ def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, per
 
 
 def loop_body(sass: str) -> list[str]:
-    """Instructions of the longest loop (a backward branch and everything it jumps over)."""
+    """Instructions of the K loop: the longest innermost loop (a backward branch and everything it jumps over, with
+    no other loop inside; the tiles of a program form the outer loop)."""
     lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", sass)]
-    best: list[str] = []
+    loops = []
     for addr, ins in lines:
         branch = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
         if branch and int(branch.group(1), 16) < addr:
-            body = [i for a, i in lines if int(branch.group(1), 16) <= a <= addr]
-            best = max(best, body, key=len)
-    return best
+            loops.append((int(branch.group(1), 16), addr))
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    bodies = [[i for addr, i in lines if a <= addr <= b] for a, b in innermost]
+    return max(bodies, key=len, default=[])
 
 
 def analyse(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> dict:
@@ -73,7 +76,7 @@ def analyse(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> d
     parts = spec.split(",")
     block_m, block_n, block_k, warps = map(int, parts[:4])
     kernel = compile_sm90(block_m, block_n, block_k, warps, parts[4] == "dot", "pf" in parts[5:], dtype, perm,
-                          gidx, group_size, prep_x="px" in parts[5:])
+                          gidx, group_size, prep_x="px" in parts[5:], stream_k="sk" in parts[5:])
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "w4a16.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -104,8 +107,8 @@ def report(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append",
-                        help="block_m,block_n,block_k,warps,fma|dot[,pf][,px] (pf: prefetch, px: FMA path with "
-                        "prepared X)")
+                        help="block_m,block_n,block_k,warps,fma|dot[,pf][,px][,sk] (pf: prefetch, px: FMA path with "
+                        "prepared X, sk: stream-K schedule)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--perm", action="store_true", help="fused X[:, perm] gather (FMA path: X prepared)")

@@ -22,7 +22,7 @@ import pytest
 # not imported here: this process may run the kernels in Triton's interpreter (see conftest.py); the report compiles
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gemm_sass_report.py"
-DOT = ("16,128,128,4,dot", "16,64,128,4,dot", "16,256,64,8,dot")
+DOT = ("16,128,128,4,dot", "16,64,128,4,dot", "16,256,64,8,dot", "16,128,128,4,dot,sk")
 FMA = ("1,64,128,4,fma,pf", "2,64,128,4,fma,pf,px")
 
 

@@ -126,6 +126,19 @@ def test_split_k_prefetch_and_k_tail(kernel, path):
     _run_case(kernel, m, 960, 64, 64, torch.float16, "contig", _config(kernel, path, 3, True))
 
 
+@pytest.mark.parametrize("programs", [5, 13])
+@pytest.mark.parametrize("path", ["fma", "dot"])
+def test_stream_k_ranges_cross_tiles(kernel, path, programs):
+    """Stream-K: the programs share 4 output tiles' K steps evenly, so ranges start and end inside tiles (K = 960 also
+    leaves a partial last step); 5 programs cover a tile in 2 parts, 13 in up to 5, and the last to arrive sums them."""
+    if path == "fma":  # 4 N tiles x 4 K steps
+        m, n, config = 3, 256, kernel.Config(4, 64, 256, 1, False, True, 4, 3, programs=programs)
+    else:  # 2 M tiles x 2 N tiles x 15 K steps
+        m, n, config = 17, 128, kernel.Config(16, 64, 64, 1, True, False, 4, 3, programs=programs)
+    _run_case(kernel, m, 960, n, 64, torch.float16, "contig", config)
+    _run_case(kernel, m, 960, n, 64, torch.bfloat16, "perm", config)
+
+
 def test_split_k_is_deterministic_and_resets_counters(kernel):
     config = _config(kernel, "dot", split_k=2)
     gen, _ = _generator()
@@ -176,6 +189,9 @@ def test_tuning_candidates_and_cache_file(tmp_path, monkeypatch):
         assert {c.block_m for c in fma} == {tuning.m_bucket(m)} and {c.prep_x for c in fma} == {False, True}
         assert not any(c.prep_x for c in tuning.candidates(m, 4096, 4096, 132, permuted=True))
     assert all(c.use_dot and not c.prep_x for c in tuning.candidates(8, 4096, 4096, 132))
+    stream_k = [c for c in tuning.candidates(16, 28672, 8192, 132) if c.programs]  # 224 tiles of 128 columns
+    assert stream_k and all(c.use_dot and c.programs % 132 == 0 for c in stream_k)
+    assert all(c.grid(16, 28672)[0] == c.programs > c.grid(16, 28672)[1] for c in stream_k)
     key = tuning.cache_key("card A", "contig", torch.float16, 128, 3, 4096, 4096)
     tuning._CACHE[key] = w4a16.Config(4, 64, 128, 2, False, True, 4, 3, prep_x=True)
     other = {"card B|contig|float16|g128|m1|n8|k8": w4a16.Config(1, 64, 128, 1, False, False, 4, 3)}
