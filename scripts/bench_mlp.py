@@ -51,6 +51,7 @@ MODELS = {  # name: (hidden, intermediate, activation)
 MODES = ("tpaware", "naive", "local-sort", "dense")
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 L2_BYTES = 50 * 2**20
+ALL_REDUCE_TEXT = {"nccl": "NCCL", "one-shot": "PyTorch symmetric-memory one-shot (`torch.ops.symm_mem.one_shot_all_reduce`)"}
 
 
 @dataclass
@@ -110,11 +111,39 @@ def activation(name: str, a: torch.Tensor) -> torch.Tensor:
     return F.gelu(a, approximate="tanh") if name == "gelu" else a
 
 
+def nccl_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
+class OneShotAllReduce:
+    """PyTorch's symmetric-memory one-shot all-reduce (`--all-reduce one-shot`): each rank copies its partial into a
+    buffer that every peer has mapped, and every rank sums all partials by reading them over NVLink (peer-to-peer
+    loads, no multicast); one small kernel where NCCL runs its protocol.  A buffer is made per shape at the first call,
+    before any graph capture (the rendezvous is collective: every rank makes the same calls in the same order)."""
+
+    def __init__(self) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self._symm_mem, self._group = symm_mem, dist.group.WORLD.group_name
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get((t.shape, t.dtype))
+        if buf is None:
+            buf = self._symm_mem.empty(t.shape, dtype=t.dtype, device=t.device)
+            self._symm_mem.rendezvous(buf, self._group)
+            self._buffers[(t.shape, t.dtype)] = buf
+        buf.copy_(t)
+        return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self._group)
+
+
 class MLP:
     """One rank's MLP in one mode; `__call__` includes the collectives."""
 
-    def __init__(self, mode: str, w1, w2, act: str, gather_index: torch.Tensor | None = None):
+    def __init__(self, mode: str, w1, w2, act: str, all_reduce, gather_index: torch.Tensor | None = None):
         self.mode, self.w1, self.w2, self.act, self.gather_index = mode, w1, w2, act, gather_index
+        self.all_reduce = all_reduce
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         inner = activation(self.act, self.w1(x))
@@ -125,16 +154,14 @@ class MLP:
             dist.all_gather_into_tensor(parts, inner.contiguous())
             inner = parts.view(world, m, width).permute(1, 0, 2).reshape(m, -1)[:, self.gather_index]
         y = self.w2(inner)
-        if dist.get_world_size() > 1:
-            dist.all_reduce(y)
-        return y
+        return self.all_reduce(y) if dist.get_world_size() > 1 else y
 
     def nbytes(self) -> int:
         return self.w1.nbytes + self.w2.nbytes
 
 
-def build(model: str, tp: int, rank: int, group_size: int, seed: int, device: torch.device, dtype: torch.dtype
-          ) -> tuple[dict[str, MLP], torch.Tensor, torch.Tensor]:
+def build(model: str, tp: int, rank: int, group_size: int, seed: int, device: torch.device, dtype: torch.dtype,
+          all_reduce=nccl_all_reduce) -> tuple[dict[str, MLP], torch.Tensor, torch.Tensor]:
     """Every mode's MLP for this rank, plus the unsharded fp32 weights for the reference."""
     hidden, inter, act = MODELS[model]
     gen_cpu = torch.Generator().manual_seed(seed)
@@ -157,12 +184,12 @@ def build(model: str, tp: int, rank: int, group_size: int, seed: int, device: to
     p2 = down_plan.rows[rank]  # P2[chunk r]
     w1_checkpoint_order = to_shard(w1, p1, fused(chunk), in_perm)
     modes = {
-        "tpaware": MLP("tpaware", to_shard(w1, p1, fused(in_plan.cols[rank]), in_perm), down, act),
-        "naive": MLP("naive", w1_checkpoint_order, down, act, gather_index=p2.to(device)),
+        "tpaware": MLP("tpaware", to_shard(w1, p1, fused(in_plan.cols[rank]), in_perm), down, act, all_reduce),
+        "naive": MLP("naive", w1_checkpoint_order, down, act, all_reduce, gather_index=p2.to(device)),
         "local-sort": MLP("local-sort", w1_checkpoint_order,
-                          to_shard(w2, local.rows[rank], torch.arange(hidden), local.in_perm[rank]), act),
+                          to_shard(w2, local.rows[rank], torch.arange(hidden), local.in_perm[rank]), act, all_reduce),
         "dense": MLP("dense", Dense(dequantize(w1, dtype)[:, fused(chunk).to(device)]),
-                     Dense(dequantize(w2, dtype)[chunk.to(device)]), act),
+                     Dense(dequantize(w2, dtype)[chunk.to(device)]), act, all_reduce),
     }
     return modes, dequantize(w1, torch.float32), dequantize(w2, torch.float32)
 
@@ -233,13 +260,15 @@ def init_rank(rank: int, tp: int, device_kind: str, port: int) -> torch.device:
 
 def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str) -> None:
     device = init_rank(rank, tp, args.device, port)
+    all_reduce = OneShotAllReduce() if args.all_reduce == "one-shot" and tp > 1 else nccl_all_reduce
     rows = []
     for model in args.models:
         hidden = MODELS[model][0]
         copies_of: dict[str, list[MLP]] = {mode: [] for mode in MODES}
         sets = 0
         while sets == 0 or args.device == "cuda" and sets < args.max_copies and sum(c.nbytes() for c in copies_of["tpaware"]) < 2 * L2_BYTES:
-            modes, w1_ref, w2_ref = build(model, tp, rank, args.group_size, args.seed + sets, device, args.dtype)
+            modes, w1_ref, w2_ref = build(model, tp, rank, args.group_size, args.seed + sets, device, args.dtype,
+                                          all_reduce)
             if sets == 0:
                 x = _same_on_every_rank(max(args.m), hidden, args.dtype, device)
                 reference = activation(MODELS[model][2], x.float() @ w1_ref) @ w2_ref
@@ -295,7 +324,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# MLP latency under TP ({env['card']})", "",
              f"card {env['card']} x{env['gpus']}, driver {env['driver']}, torch {env['torch']} (CUDA {env['cuda']}), "
              f"triton {env['triton']}, NCCL {env['nccl']}, {env['date']}", "", f"command: `{env['command']}`", "",
-             "Slowest rank's median, µs. CUDA graph (NCCL inside) / eager. Speed-up = naive / tpaware (graph).", ""]
+             f"Slowest rank's median, µs. CUDA graph (collectives inside) / eager. Speed-up = naive / tpaware (graph). "
+             f"All-reduce: {env.get('all_reduce', ALL_REDUCE_TEXT['nccl'])}; the naive mode's AllGather: NCCL.", ""]
     timed = [r for r in rows if "m" in r]
     for model in dict.fromkeys(r["model"] for r in timed):
         lines += [f"## {model} {MODELS[model]}", "",
@@ -330,6 +360,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--max-copies", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--all-reduce", choices=tuple(ALL_REDUCE_TEXT), default="nccl",
+                        help="the final all-reduce: NCCL, or PyTorch's symmetric-memory one-shot kernel (NVLink "
+                        "peer-to-peer reads, multicast off; GPUs only)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/mlp"))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: check every mode's output with gloo (no timing), e.g. on small --shape")
@@ -341,11 +374,12 @@ def main() -> None:
             MODELS[name] = (*args.shape, act)
     # fp16 on GPUs; fp32 on CPU, where the check is exact up to fp32 rounding
     args.dtype, args.tolerance = (torch.float16, 1e-2) if args.device == "cuda" else (torch.float32, 1e-5)
-    rows = run_per_tp(worker, args, 29500, lambda rows: write_results(args.out, environment(), rows))
+    env = lambda: {**environment(), "all_reduce": ALL_REDUCE_TEXT[args.all_reduce]}  # noqa: E731
+    rows = run_per_tp(worker, args, 29500, lambda rows: write_results(args.out, env(), rows))
     if args.device == "cpu":
         print("\n".join(f"{r['model']} tp={r['tp']} {r['mode']}: rel err {r['check_rel_err']:.2e}" for r in rows))
         return
-    print(markdown(environment(), rows))
+    print(markdown(env(), rows))
 
 
 def run_per_tp(worker, args: argparse.Namespace, base_port: int, save) -> list[dict]:
