@@ -130,12 +130,13 @@ class OneShotAllReduce:
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get((t.shape, t.dtype))
-        if buf is None:
-            buf = self._symm_mem.empty(t.shape, dtype=t.dtype, device=t.device)
+        if buf is None:  # the kernel sums fp32 or bf16 only: fp16 partials are summed in fp32
+            buf = self._symm_mem.empty(t.shape, dtype=torch.float32 if t.dtype == torch.float16 else t.dtype,
+                                       device=t.device)
             self._symm_mem.rendezvous(buf, self._group)
             self._buffers[(t.shape, t.dtype)] = buf
         buf.copy_(t)
-        return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self._group)
+        return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self._group).to(t.dtype)
 
 
 class MLP:
