@@ -463,10 +463,12 @@ class Config:
     # leave a last round half empty.
     programs: int = 0
 
-    def grid(self, m: int, n: int) -> tuple[int, int]:
-        """(programs, output tiles) of a launch on an [m, n] output; stream-K runs one program per tile at least."""
+    def grid(self, m: int, n: int, k: int) -> tuple[int, int]:
+        """(programs, output tiles) of a launch on [m, k] x [k, n]: stream-K runs one program per tile at least, and
+        no program gets an empty range of K steps (it would still count as a part of its tile)."""
         tiles = triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n)
-        return max(self.programs, tiles) if self.programs else tiles * self.split_k, tiles
+        programs = max(self.programs, tiles) if self.programs else tiles * self.split_k
+        return min(programs, tiles * triton.cdiv(k, self.block_k)), tiles
 
     def dequantizes(self, group_size: int, has_gidx: bool) -> bool:
         """Whether the dot path takes its per-weight dequantizing step: groups change inside a K step."""
@@ -524,7 +526,7 @@ def w4a16_matmul(
             x, x if in_perm is None else in_perm, xs, xsum, m, k, k_pad, x.stride(0),
             HAS_PERM=in_perm is not None, FOR_DOT=config.use_dot, SUM_ROWS=sum_rows, BLOCK_R=PREP_ROWS)
         x, in_perm = xs, None
-    programs, tiles = config.grid(m, n)
+    programs, tiles = config.grid(m, n, k)
     # fp32 partials, two per program at most, where some program covers part of a tile
     partials = 2 * programs * config.block_m * config.block_n if programs != tiles else 1
     ws = torch.empty(partials, dtype=torch.float32, device=x.device)

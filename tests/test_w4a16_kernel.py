@@ -139,6 +139,17 @@ def test_stream_k_ranges_cross_tiles(kernel, path, programs):
     _run_case(kernel, m, 960, n, 64, torch.bfloat16, "perm", config)
 
 
+@pytest.mark.parametrize("config", [dict(split_k=4), dict(programs=13)])
+def test_more_programs_than_k_steps_leave_no_counter_behind(kernel, config):
+    """2 tiles x 2 K steps: 4 splits or 13 stream-K programs would give programs empty ranges of K steps, which the
+    counting of a tile's parts does not expect; the launch uses at most one program per K step, every counter is
+    back to zero afterwards, and the next shape (which reuses the counters) is right."""
+    cfg = kernel.Config(16, 64, 128, config.get("split_k", 1), True, False, 4, 3, programs=config.get("programs", 0))
+    _run_case(kernel, 3, 256, 128, 128, torch.float16, "contig", cfg)
+    assert sum(int(locks.abs().sum()) for locks in kernel._LOCKS.values()) == 0
+    _run_case(kernel, 3, 512, 128, 128, torch.float16, "contig", kernel.Config(16, 64, 128, 2, True, False, 4, 3))
+
+
 def test_split_k_is_deterministic_and_resets_counters(kernel):
     config = _config(kernel, "dot", split_k=2)
     gen, _ = _generator()
@@ -191,7 +202,9 @@ def test_tuning_candidates_and_cache_file(tmp_path, monkeypatch):
     assert all(c.use_dot and not c.prep_x for c in tuning.candidates(8, 4096, 4096, 132))
     stream_k = [c for c in tuning.candidates(16, 28672, 8192, 132) if c.programs]  # 224 tiles of 128 columns
     assert stream_k and all(c.use_dot and c.programs % 132 == 0 for c in stream_k)
-    assert all(c.grid(16, 28672)[0] == c.programs > c.grid(16, 28672)[1] for c in stream_k)
+    assert all(c.grid(16, 28672, 8192)[0] == c.programs > c.grid(16, 28672, 8192)[1] for c in stream_k)
+    # 8 tiles of 128 columns x 64 K steps = 512 iterations: 4 programs per SM (528) would leave some without one
+    assert {c.programs for c in tuning.candidates(16, 1024, 8192, 132) if c.block_n == 128 and c.programs} == {264, 396}
     key = tuning.cache_key("card A", "contig", torch.float16, 128, 3, 4096, 4096)
     tuning._CACHE[key] = w4a16.Config(4, 64, 128, 2, False, True, 4, 3, prep_x=True)
     other = {"card B|contig|float16|g128|m1|n8|k8": w4a16.Config(1, 64, 128, 1, False, False, 4, 3)}
