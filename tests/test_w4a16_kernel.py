@@ -150,6 +150,25 @@ def test_more_programs_than_k_steps_leave_no_counter_behind(kernel, config):
     _run_case(kernel, 3, 512, 128, 128, torch.float16, "contig", kernel.Config(16, 64, 128, 2, True, False, 4, 3))
 
 
+def test_random_shapes_with_any_tuner_candidate(kernel):
+    """Random shapes, each with a random config among those the tuner would time on a 2-SM device (so split-K and
+    stream-K grids cut tiles anywhere, and can offer more programs than K steps): every output matches fp64 and every
+    arrival counter is back to zero afterwards."""
+    from plugins import tuning
+
+    seed = random.SystemRandom().randrange(2**31)
+    rng = random.Random(seed)
+    for _ in range(10):
+        m, n, group_size = rng.choice([1, 3, 16, 17]), rng.choice([64, 136, 192]), rng.choice([64, 128])
+        k = group_size * rng.randint(1, 6)
+        config = rng.choice(tuning.candidates(m, n, k, num_sms=2))
+        try:
+            _run_case(kernel, m, k, n, group_size, torch.float16, rng.choice(["contig", "perm"]), config)
+            assert sum(int(locks.abs().sum()) for locks in kernel._LOCKS.values()) == 0, "a counter was left behind"
+        except AssertionError as e:
+            raise AssertionError(f"{e} (m={m} n={n} k={k} g{group_size}, draw seed {seed}, {config})") from e
+
+
 def test_split_k_is_deterministic_and_resets_counters(kernel):
     config = _config(kernel, "dot", split_k=2)
     gen, _ = _generator()
