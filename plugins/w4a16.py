@@ -425,7 +425,10 @@ def _finish_tile(result, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride
         tl.store(out_ptr + offs_o, result.to(out_ptr.dtype.element_ty), mask=mask_o)
     else:
         local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + local, result, mask=mask_o)
+        # partials are whole-width scratch (columns past N hold zeros: their weights and scales load as 0); masking
+        # the columns too kept the mask live and cost the 16x64x128 tile 30 registers
+        rows_in = (offs_m < M)[:, None]
+        tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + local, result, mask=rows_in)
         tl.debug_barrier()  # every thread's partial is written before the counter is bumped
         tile_start = tile * steps
         owner = _range_owner(tile_start, programs, total)
@@ -434,10 +437,10 @@ def _finish_tile(result, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride
         if arrived == parts - 1:
             # the tile is the first range of every program but `owner`, which may have started before it
             owner_slot = 2 * owner + (_range_start(owner, programs, total) < tile_start).to(tl.int32)
-            acc = tl.load(ws_ptr + owner_slot * (BLOCK_M * BLOCK_N) + local, mask=mask_o, other=0.0,
+            acc = tl.load(ws_ptr + owner_slot * (BLOCK_M * BLOCK_N) + local, mask=rows_in, other=0.0,
                           cache_modifier=".cg")
-            for q in tl.range(owner + 1, owner + parts, loop_unroll_factor=1):  # fixed order: deterministic rounding
-                acc += tl.load(ws_ptr + 2 * q * (BLOCK_M * BLOCK_N) + local, mask=mask_o, other=0.0,
+            for q in range(owner + 1, owner + parts):  # fixed order: deterministic rounding
+                acc += tl.load(ws_ptr + 2 * q * (BLOCK_M * BLOCK_N) + local, mask=rows_in, other=0.0,
                                cache_modifier=".cg")
             tl.store(out_ptr + offs_o, acc.to(out_ptr.dtype.element_ty), mask=mask_o)
             tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch, no memset needed

@@ -51,3 +51,13 @@ def test_dot_path_loads_words_into_the_operand_layout(reports, spec):
 def test_fma_path_has_no_barriers_or_spills(reports, spec):
     r = reports[spec]
     assert r["stack_bytes"] == 0 and r["barriers"] == 0 and r["shared_stores"] == 0, r
+
+
+# Registers per thread that keep these tiles' programs per SM (65536 registers / (128 threads x budget)); the split-K
+# epilogue once cost the 16x64x128 tile 30 more (a live column mask), one program per SM fewer.
+REGISTER_BUDGET = {"16,64,128,4,dot": 96, "16,128,128,4,dot": 168, "16,128,128,4,dot,sk": 168, "1,64,128,4,fma,pf": 64}
+
+
+@pytest.mark.parametrize("spec", REGISTER_BUDGET)
+def test_register_budget(reports, spec):
+    assert reports[spec]["registers"] <= REGISTER_BUDGET[spec], reports[spec]
