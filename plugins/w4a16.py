@@ -152,13 +152,13 @@ def _tile(x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_p
 @triton.jit
 def _range_start(p, programs, total):
     """First iteration of program p: floor(p T / P), in 64 bits (p T exceeds 2^31 on the largest shapes)."""
-    return (tl.cast(p, tl.int32) * total // programs).to(tl.int32)
+    return (tl.cast(p, tl.int64) * total // programs).to(tl.int32)
 
 
 @triton.jit
 def _range_owner(it, programs, total):
     """The program whose range holds iteration `it`: the largest p with floor(p T / P) <= it."""
-    return ((tl.cast(it + 1, tl.int32) * programs + total - 1) // total - 1).to(tl.int32)
+    return ((tl.cast(it + 1, tl.int64) * programs + total - 1) // total - 1).to(tl.int32)
 
 
 @triton.jit

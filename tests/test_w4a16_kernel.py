@@ -22,6 +22,7 @@ from plugins.layout import to_kernel_layout
 from plugins.ops import w4a16_linear
 from plugins.reference import random_layer, reference, relative_error
 
+_SCHEDULE = None  # the kernel module, for test_schedule_arithmetic_does_not_overflow's probe
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-5}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -167,6 +168,27 @@ def test_random_shapes_with_any_tuner_candidate(kernel):
             assert sum(int(locks.abs().sum()) for locks in kernel._LOCKS.values()) == 0, "a counter was left behind"
         except AssertionError as e:
             raise AssertionError(f"{e} (m={m} n={n} k={k} g{group_size}, draw seed {seed}, {config})") from e
+
+
+def test_schedule_arithmetic_does_not_overflow(kernel):
+    """p T passes 2^31 where iterations x programs do (here 2 million iterations over 2100 programs; an lm_head of
+    128k columns in 32-column tiles, 4 M tiles and 128 K steps, over 8 programs per SM gets there): the range start
+    and owner are computed in 64 bits."""
+    import triton
+    import triton.language as tl
+
+    global _SCHEDULE  # a Triton function resolves the names it calls among its module's globals
+    _SCHEDULE = kernel
+
+    @triton.jit
+    def probe(out_ptr, p, programs, total, it):
+        tl.store(out_ptr, _SCHEDULE._range_start(p, programs, total))
+        tl.store(out_ptr + 1, _SCHEDULE._range_owner(it, programs, total))
+
+    out = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    p, programs, total = 2000, 2100, 2_000_000  # p * total = 4e9 > 2^31, and (it + 1) * programs too
+    probe[(1,)](out, p, programs, total, total - 1)
+    assert out.tolist() == [p * total // programs, programs - 1]
 
 
 def test_split_k_is_deterministic_and_resets_counters(kernel):
