@@ -86,7 +86,8 @@ def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> 
             n_tiles = -(-n // block_n) * -(-m // block_m)
             for split in _split_choices(n_tiles, -(-k // block_k), num_sms):
                 out.append(Config(block_m, block_n, block_k, split, use_dot, prefetch, warps, _STAGES))
-            if use_dot:  # stream-K: 2 to 4 programs per SM (the dot tiles fit 2 to 5): more than one per tile, at most one per K step
+            # stream-K for the dot tiles (2 to 5 fit per SM): more programs than tiles, at most one per K step
+            if use_dot:
                 out += [Config(block_m, block_n, block_k, 1, True, False, warps, _STAGES, programs=per_sm * num_sms)
                         for per_sm in _STREAM_K_PER_SM if n_tiles < per_sm * num_sms <= n_tiles * -(-k // block_k)]
     return out + [replace(c, prep_x=True) for c in out if not (c.use_dot or permuted)]

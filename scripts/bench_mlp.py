@@ -51,7 +51,8 @@ MODELS = {  # name: (hidden, intermediate, activation)
 MODES = ("tpaware", "naive", "local-sort", "dense")
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 L2_BYTES = 50 * 2**20
-ALL_REDUCE_TEXT = {"nccl": "NCCL", "one-shot": "PyTorch symmetric-memory one-shot (`torch.ops.symm_mem.one_shot_all_reduce`)"}
+ALL_REDUCE_TEXT = {"nccl": "NCCL",
+                   "one-shot": "PyTorch symmetric-memory one-shot (`torch.ops.symm_mem.one_shot_all_reduce`)"}
 
 
 @dataclass
@@ -325,7 +326,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# MLP latency under TP ({env['card']})", "",
              f"card {env['card']} x{env['gpus']}, driver {env['driver']}, torch {env['torch']} (CUDA {env['cuda']}), "
              f"triton {env['triton']}, NCCL {env['nccl']}, {env['date']}", "", f"command: `{env['command']}`", "",
-             f"Slowest rank's median, µs. CUDA graph (collectives inside) / eager. Speed-up = naive / tpaware (graph). "
+             "Slowest rank's median, µs. CUDA graph (collectives inside) / eager. Speed-up = naive / tpaware (graph). "
              f"All-reduce: {env.get('all_reduce', ALL_REDUCE_TEXT['nccl'])}; the naive mode's AllGather: NCCL.", ""]
     timed = [r for r in rows if "m" in r]
     for model in dict.fromkeys(r["model"] for r in timed):
