@@ -120,7 +120,7 @@ def w4a16_kernel(
                 last = tl.minimum(steps, first + end - it)
                 _tile(x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, out_ptr, ws_ptr,
                       lock_ptr, tile, first, last, 2 * pid + (it != start).to(tl.int32), m_tiles, steps, programs,
-                      M, N, K, stride_xm, stride_om, magic, GROUP_SIZE, HAS_PERM, HAS_GIDX, PREPARED_X,
+                      tiles * steps, M, N, K, stride_xm, stride_om, magic, GROUP_SIZE, HAS_PERM, HAS_GIDX, PREPARED_X,
                       BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, PREFETCH)
                 it += last - first
     else:  # the same ranges, written per tile (fewer registers than the general form)
@@ -128,14 +128,14 @@ def w4a16_kernel(
         tile = pid // split
         j = pid - tile * split
         _tile(x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, out_ptr, ws_ptr, lock_ptr,
-              tile, j * steps // split, (j + 1) * steps // split, 2 * pid, m_tiles, steps, programs,
+              tile, j * steps // split, (j + 1) * steps // split, 2 * pid, m_tiles, steps, programs, tiles * steps,
               M, N, K, stride_xm, stride_om, magic, GROUP_SIZE, HAS_PERM, HAS_GIDX, PREPARED_X,
               BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, PREFETCH)
 
 
 @triton.jit
 def _tile(x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_ptr, out_ptr, ws_ptr, lock_ptr,
-          tile, first, last, slot, m_tiles, steps, programs, M, N, K, stride_xm, stride_om, magic,
+          tile, first, last, slot, m_tiles, steps, programs, total, M, N, K, stride_xm, stride_om, magic,
           GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, PREPARED_X: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
           USE_DOT: tl.constexpr, PREFETCH: tl.constexpr):
@@ -146,7 +146,7 @@ def _tile(x_ptr, xsum_ptr, qweight_ptr, qzeros_ptr, scales_ptr, perm_ptr, gidx_p
                            offs_m, offs_n, first, last, M, N, K, stride_xm, magic,
                            GROUP_SIZE, HAS_PERM, HAS_GIDX, PREPARED_X, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, PREFETCH)
     _finish_tile(result, out_ptr, ws_ptr, lock_ptr, offs_m, offs_n, M, N, stride_om, tile, first, last, steps,
-                 slot, programs, m_tiles * tl.cdiv(N, BLOCK_N) * steps)
+                 slot, programs, total)
 
 
 @triton.jit
@@ -530,10 +530,11 @@ def w4a16_matmul(
             HAS_PERM=in_perm is not None, FOR_DOT=config.use_dot, SUM_ROWS=sum_rows, BLOCK_R=PREP_ROWS)
         x, in_perm = xs, None
     programs, tiles = config.grid(m, n, k)
-    # fp32 partials, two per program at most, where some program covers part of a tile
-    partials = 2 * programs * config.block_m * config.block_n if programs != tiles else 1
-    ws = torch.empty(partials, dtype=torch.float32, device=x.device)
     locks = _locks(x.device, tiles)
+    if programs != tiles:  # some program covers part of a tile: fp32 partials, two per program at most
+        ws = torch.empty(2 * programs * config.block_m * config.block_n, dtype=torch.float32, device=x.device)
+    else:  # never touched; typed as the partials are, so the kernel compiles the same (no allocation per call)
+        ws = locks.view(torch.float32)
     w4a16_kernel[(programs,)](
         x, xsum, qweight, weights["qzeros"], weights["scales"],
         qweight if in_perm is None else in_perm,

@@ -376,7 +376,9 @@ def main() -> None:
             MODELS[name] = (*args.shape, act)
     # fp16 on GPUs; fp32 on CPU, where the check is exact up to fp32 rounding
     args.dtype, args.tolerance = (torch.float16, 1e-2) if args.device == "cuda" else (torch.float32, 1e-5)
-    env = lambda: {**environment(), "all_reduce": ALL_REDUCE_TEXT[args.all_reduce]}  # noqa: E731
+    def env() -> dict:
+        return {**environment(), "all_reduce": ALL_REDUCE_TEXT[args.all_reduce]}
+
     rows = run_per_tp(worker, args, 29500, lambda rows: write_results(args.out, env(), rows))
     if args.device == "cpu":
         print("\n".join(f"{r['model']} tp={r['tp']} {r['mode']}: rel err {r['check_rel_err']:.2e}" for r in rows))
