@@ -90,12 +90,15 @@ def _w4a16_gemm_cuda(
     if config is None and variant == "gidx":
         config = tuning.lookup(tuning.cache_key(name, "contig", x.dtype, group_size, m, n, k))
     if config is None:
-        with torch.cuda.device(x.device):  # timing events and flush buffer on x's device
+        with torch.cuda.device(x.device):  # timing events and weight copies on x's device
+            copies = tuning.weight_copies(weights)
             config = tuning.choose(
                 key,
                 tuning.candidates(m, n, k, sms, permuted=in_perm is not None),
-                lambda c: w4a16_matmul(x, weights, group_size, c, in_perm, g_idx),
+                lambda c, i: w4a16_matmul(x, copies[i], group_size, c, in_perm, g_idx),
+                len(copies),
             )
+            del copies
     return w4a16_matmul(x, weights, group_size, config, in_perm, g_idx)
 
 

@@ -9,6 +9,7 @@ happens during CUDA-graph capture: there the cached or heuristic choice is used.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ MAX_M = 64  # largest M the kernel serves; above it the op dequantizes and calls
 SHIPPED = Path(__file__).with_name("tuned_configs.json")
 _CACHE: dict[str, Config] = {}
 _LOADED = False
-_FLUSH: dict[int, torch.Tensor] = {}  # per device, a buffer larger than any L2, zeroed between timings
+TUNING_REPLAYS = 20  # graph replays per candidate, each calling it once per weight copy
 
 # (block_n, block_k, num_warps, prefetch) tried per family: tiles that compile without spills
 # and without the layout conversions that some shapes trigger (scripts/gemm_sass_report.py).
@@ -100,49 +101,68 @@ def lookup(key: str) -> Config | None:
     return _CACHE.get(key)
 
 
-def choose(key: str, cands: list[Config], run: Callable[[Config], None]) -> Config:
-    """Cached choice, else (outside graph capture, unless TPAWARE_AUTOTUNE=0) time every candidate."""
+def choose(key: str, cands: list[Config], run: Callable[[Config, int], None], copies: int) -> Config:
+    """Cached choice, else (outside graph capture, unless TPAWARE_AUTOTUNE=0) time every candidate.
+
+    `run(config, i)` calls the kernel on weight copy i of `copies` (see `weight_copies`): each candidate is timed as
+    the benchmark times it, back-to-back calls that stream the weights from memory.  Timing single calls after an L2
+    flush instead favoured the one-launch candidates (the CUDA-core tiles at M = 1 paid no X-preparation launch in a
+    cold graph): on H100 down tp=2 at M=1 it picked a tile 15% slower than the tensor-core tile it passed over.
+    """
     hit = lookup(key)
     if hit is not None:
         return hit
     if torch.cuda.is_current_stream_capturing() or os.environ.get("TPAWARE_AUTOTUNE", "1") == "0":
         return cands[0]
-    best = min(cands, key=lambda c: _time_or_inf(lambda: run(c)))
+    best = min(cands, key=lambda c: _time_or_inf(lambda i: (lambda: run(c, i)), copies))
     _CACHE[key] = best
     return best
 
 
-def _time_or_inf(fn: Callable[[], None]) -> float:
-    """`time_us`, or infinity for a candidate that needs more shared memory than the device has."""
+def _time_or_inf(make_call: Callable[[int], Callable[[], None]], copies: int) -> float:
+    """`graph_time_us`, or infinity for a candidate that needs more shared memory than the device has."""
     from triton.runtime.errors import OutOfResources
 
     try:
-        return time_us(fn)
+        return graph_time_us(make_call, copies, TUNING_REPLAYS)
     except OutOfResources:
         return float("inf")
 
 
-def time_us(fn: Callable[[], None], warmup: int = 3, reps: int = 30) -> float:
-    """Median device time of `fn` in microseconds as a CUDA-graph replay (as the runtime runs it, without the
-    launch gaps of eager calls), L2 flushed before each replay (CUDA events)."""
-    device = torch.cuda.current_device()
-    if device not in _FLUSH:
-        _FLUSH[device] = torch.empty(256 << 20, dtype=torch.uint8, device=device)
-    flush = _FLUSH[device]
-    for _ in range(warmup):  # also compiles, and sizes the split-K counters outside the capture
-        fn()
+def n_copies(bytes_per_copy: int, l2_bytes: int) -> int:
+    """Enough weight copies that one pass over them streams at least 4x the L2 (at least 2 copies)."""
+    return max(2, math.ceil(4 * l2_bytes / bytes_per_copy))
+
+
+def weight_copies(weights: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The layer plus clones of it, `n_copies` in all: calls cycling through them read the weights from memory, not
+    from the L2 (temporary memory while a shape is tuned: at least 4x the L2)."""
+    qweight = weights["qweight"]
+    nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+    count = n_copies(nbytes, torch.cuda.get_device_properties(qweight.device).L2_cache_size)
+    return [weights] + [{name: t.clone() for name, t in weights.items()} for _ in range(count - 1)]
+
+
+def graph_time_us(make_call: Callable[[int], Callable[[], None]], copies: int, replays: int = 50) -> float:
+    """Median device µs per call: a CUDA graph calls `make_call(i)()` once for each copy i, back to back (as a model
+    runs its layers, without the launch gaps of eager calls); CUDA events around each replay."""
+    for i in range(copies):  # warm-up: compile, tune, allocate outside the capture
+        make_call(i)()
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for i in range(copies):
+            make_call(i)()
+    for _ in range(3):
+        graph.replay()
     times = []
-    for _ in range(reps):
-        flush.zero_()
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / copies)
     return sorted(times)[len(times) // 2]
 
 

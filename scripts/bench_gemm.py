@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plugins import ops, tuning  # noqa: E402  (ops registers the custom op)
+from plugins.tuning import graph_time_us  # noqa: E402
 from plugins.reference import random_layer, relative_error  # noqa: E402
 from plugins.layout import dequantize  # noqa: E402
 from plugins.w4a16 import w4a16_matmul  # noqa: E402
@@ -64,28 +63,6 @@ def shapes() -> list[Shape]:
     return out
 
 
-def time_graph(make_call: Callable[[int], Callable[[], None]], copies: int, replays: int = 50) -> float:
-    """Median µs per call: a CUDA graph runs the call once on each of `copies` weight copies."""
-    for i in range(copies):  # warm-up: compile, tune, allocate outside the capture
-        make_call(i)()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            make_call(i)()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / copies)
-    return sorted(times)[len(times) // 2]
-
-
 def copy_bandwidth() -> float:
     """Device-to-device copy GB/s of 1 GiB, counting bytes read plus bytes written.
 
@@ -93,22 +70,17 @@ def copy_bandwidth() -> float:
     """
     src = torch.rand(1 << 28, device="cuda")
     dst = torch.empty_like(src)
-    us = min(time_graph(lambda _: (lambda: dst.copy_(src)), 1, replays=20),
-             time_graph(lambda _: (lambda: torch.mul(src, 1.0, out=dst)), 1, replays=20))
+    us = min(graph_time_us(lambda _: (lambda: dst.copy_(src)), 1, replays=20),
+             graph_time_us(lambda _: (lambda: torch.mul(src, 1.0, out=dst)), 1, replays=20))
     return 2 * src.numel() * 4 / us / 1e3
-
-
-def n_copies(bytes_per_copy: int, l2_bytes: int) -> int:
-    """Enough copies that one graph replay streams at least 4x the L2 (at least 2 copies)."""
-    return max(2, math.ceil(4 * l2_bytes / bytes_per_copy))
 
 
 def bench_shape(shape: Shape, l2: int, gen: torch.Generator, check: bool, variants: bool) -> list[dict]:
     """All M values of one shape; returns one row per M."""
-    copies = n_copies(shape.weight_bytes, l2)
+    copies = tuning.n_copies(shape.weight_bytes, l2)
     weights = [random_layer(shape.k, shape.n, GROUP, generator=gen)[0] for _ in range(copies)]
     fp16 = [torch.randn(shape.n, shape.k, device="cuda", dtype=torch.float16, generator=gen) / 64
-            for _ in range(n_copies(shape.k * shape.n * 2, l2))]
+            for _ in range(tuning.n_copies(shape.k * shape.n * 2, l2))]
     raw = torch.randint(0, 256, (shape.n, shape.k // 2), dtype=torch.uint8, device="cuda", generator=gen)
     int4 = {tiles: [torch._convert_weight_to_int4pack(raw, tiles) for _ in range(copies)] for tiles in (2, 4, 8)}
     del raw
@@ -142,20 +114,20 @@ def bench_shape(shape: Shape, l2: int, gen: torch.Generator, check: bool, varian
                 w4a16_matmul(x, weights[0], GROUP, config, out=out, **extra)
                 xr = x[:, perm] if "in_perm" in extra else x
                 row[name] = relative_error(out, xr.double() @ ref)
-        row["us"] = time_graph(ours, copies)
+        row["us"] = graph_time_us(ours, copies)
         if variants:  # the fused gather is tuned on its own (its FMA path reads X prepared by a second kernel)
             op(x, weights[0]["qweight"], weights[0]["qzeros"], weights[0]["scales"], GROUP, perm)
             perm_key = tuning.cache_key(ops._device_info(0)[0], "perm", torch.float16, GROUP, m, shape.n, shape.k)
             row["config_perm"] = asdict(tuning.lookup(perm_key))
-            row["us_perm"] = time_graph(lambda i, x=x: (lambda: op(
+            row["us_perm"] = graph_time_us(lambda i, x=x: (lambda: op(
                 x, weights[i]["qweight"], weights[i]["qzeros"], weights[i]["scales"], GROUP, perm)), copies)
-            row["us_gidx"] = time_graph(lambda i, x=x: (lambda: w4a16_matmul(
+            row["us_gidx"] = graph_time_us(lambda i, x=x: (lambda: w4a16_matmul(
                 x, weights[i], GROUP, config, g_idx=gi)), copies)
-        row["us_cublas"] = time_graph(lambda i, x=x: (lambda: F.linear(x, fp16[i % len(fp16)])), len(fp16))
+        row["us_cublas"] = graph_time_us(lambda i, x=x: (lambda: F.linear(x, fp16[i % len(fp16)])), len(fp16))
         xb = x.to(torch.bfloat16)
         tinygemm = {}
         for tiles, packed in int4.items():
-            tinygemm[tiles] = time_graph(
+            tinygemm[tiles] = graph_time_us(
                 lambda i, p=packed: (lambda: torch._weight_int4pack_mm(xb, p[i], GROUP, sz[i])), copies)
         row["int4pack_inner_k_tiles"] = min(tinygemm, key=tinygemm.get)
         row["us_int4pack"] = tinygemm[row["int4pack_inner_k_tiles"]]
