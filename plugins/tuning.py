@@ -107,7 +107,8 @@ def choose(key: str, cands: list[Config], run: Callable[[Config, int], None], co
     `run(config, i)` calls the kernel on weight copy i of `copies` (see `weight_copies`): each candidate is timed as
     the benchmark times it, back-to-back calls that stream the weights from memory.  Timing single calls after an L2
     flush instead favoured the one-launch candidates (the CUDA-core tiles at M = 1 paid no X-preparation launch in a
-    cold graph): on H100 down tp=2 at M=1 it picked a tile 15% slower than the tensor-core tile it passed over.
+    cold graph): on H100 it picked the CUDA-core tile for Llama-70B's tp=2 down shard at M=1, 33.0 µs where the
+    tensor-core tile it passed over takes 30.4 (benchmarks/gemm_h100.md).
     """
     hit = lookup(key)
     if hit is not None:
