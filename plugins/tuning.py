@@ -135,12 +135,15 @@ def n_copies(bytes_per_copy: int, l2_bytes: int) -> int:
     return max(2, math.ceil(4 * l2_bytes / bytes_per_copy))
 
 
+MAX_TUNING_COPIES = 64  # bounds a tiny layer's timing graph (64 calls); layers under 4x L2 / 64 then partly hit the L2
+
+
 def weight_copies(weights: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """The layer plus clones of it, `n_copies` in all: calls cycling through them read the weights from memory, not
-    from the L2 (temporary memory while a shape is tuned: at least 4x the L2)."""
+    """The layer plus clones of it, `n_copies` in all (at most MAX_TUNING_COPIES): calls cycling through them read the
+    weights from memory, not from the L2 (temporary memory while a shape is tuned: about 4x the L2)."""
     qweight = weights["qweight"]
     nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-    count = n_copies(nbytes, torch.cuda.get_device_properties(qweight.device).L2_cache_size)
+    count = min(n_copies(nbytes, torch.cuda.get_device_properties(qweight.device).L2_cache_size), MAX_TUNING_COPIES)
     return [weights] + [{name: t.clone() for name, t in weights.items()} for _ in range(count - 1)]
 
 

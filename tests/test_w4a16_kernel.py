@@ -326,6 +326,26 @@ def test_cuda_op_matches_fp64(m):
 
 
 @cuda
+def test_tuner_weight_copies_stream_from_memory():
+    """The tuner times candidates over copies of the layer that together exceed the L2 4x: clones in storage of
+    their own (aliases would be timed from the L2), equal to the layer; a tiny layer gets the capped count."""
+    from plugins import tuning
+
+    gen, _ = _generator()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    tiny = {k: t.cuda() for k, t in random_layer(1024, 512, 128, generator=gen)[0].items()}
+    assert len(tuning.weight_copies(tiny)) == tuning.MAX_TUNING_COPIES
+    weights = {k: t.cuda() for k, t in random_layer(8192, 4096, 128, generator=gen)[0].items()}  # ~17 MB
+    copies = tuning.weight_copies(weights)
+    nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+    assert len(copies) == tuning.n_copies(nbytes, l2) and len(copies) * nbytes >= 4 * l2
+    assert copies[0] is weights
+    pointers = {copy["qweight"].data_ptr() for copy in copies}
+    assert len(pointers) == len(copies)
+    assert all(torch.equal(copy[k], weights[k]) for copy in copies for k in weights)
+
+
+@cuda
 def test_cuda_graph_capture():
     gen, _ = _generator()
     weights, _ = random_layer(1024, 512, 128, generator=gen)
