@@ -24,6 +24,7 @@ SHIPPED = Path(__file__).with_name("tuned_configs.json")
 _CACHE: dict[str, Config] = {}
 _LOADED = False
 TUNING_REPLAYS = 20  # graph replays per candidate, each calling it once per weight copy
+MAX_TUNING_COPIES = 64  # bounds a tiny layer's timing graph (64 calls); layers under 4x L2 / 64 then partly hit the L2
 
 # (block_n, block_k, num_warps, prefetch) tried per family: tiles that compile without spills
 # and without the layout conversions that some shapes trigger (scripts/gemm_sass_report.py).
@@ -133,9 +134,6 @@ def _time_or_inf(make_call: Callable[[int], Callable[[], None]], copies: int) ->
 def n_copies(bytes_per_copy: int, l2_bytes: int) -> int:
     """Enough weight copies that one pass over them streams at least 4x the L2 (at least 2 copies)."""
     return max(2, math.ceil(4 * l2_bytes / bytes_per_copy))
-
-
-MAX_TUNING_COPIES = 64  # bounds a tiny layer's timing graph (64 calls); layers under 4x L2 / 64 then partly hit the L2
 
 
 def weight_copies(weights: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

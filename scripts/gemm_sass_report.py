@@ -59,7 +59,7 @@ def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, per
 
 def loop_body(sass: str) -> list[str]:
     """Instructions of the K loop: the longest innermost loop (a backward branch and everything it jumps over, with
-    no other loop inside; the tiles of a program form the outer loop)."""
+    no other loop inside it)."""
     lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", sass)]
     loops = []
     for addr, ins in lines:
