@@ -52,7 +52,8 @@ MODES = ("tpaware", "naive", "local-sort", "dense")
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 L2_BYTES = 50 * 2**20
 ALL_REDUCE_TEXT = {"nccl": "NCCL",
-                   "one-shot": "PyTorch symmetric-memory one-shot (`torch.ops.symm_mem.one_shot_all_reduce`)"}
+                   "one-shot": "PyTorch symmetric-memory one-shot (`torch.ops.symm_mem.one_shot_all_reduce`)",
+                   "peer": "tpaware one-shot over symmetric memory (`plugins/allreduce.py`, fp16 as it is)"}
 
 
 @dataclass
@@ -262,7 +263,13 @@ def init_rank(rank: int, tp: int, device_kind: str, port: int) -> torch.device:
 
 def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str) -> None:
     device = init_rank(rank, tp, args.device, port)
-    all_reduce = OneShotAllReduce() if args.all_reduce == "one-shot" and tp > 1 else nccl_all_reduce
+    all_reduce = nccl_all_reduce
+    if tp > 1 and args.all_reduce == "one-shot":
+        all_reduce = OneShotAllReduce()
+    elif tp > 1 and args.all_reduce == "peer":
+        from plugins.allreduce import PeerAllReduce
+
+        all_reduce = PeerAllReduce()
     rows = []
     for model in args.models:
         hidden = MODELS[model][0]

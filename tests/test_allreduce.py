@@ -1,0 +1,106 @@
+"""The one-shot all-reduce kernel (plugins/allreduce.py).
+
+One rank runs alone (on the CPU in Triton's interpreter, or on one GPU) against buffers and flags laid out as its
+peers would have left them: every peer's parts of two calls already in their buffer halves and every peer's flags
+already raised, so the rank's waits pass at once.  Checked over two calls: the sums, its own part copied into the
+half of its buffer that the call's parity picks, its call counts, and exactly its flags raised on every peer to the
+call's count.  With two GPUs, real processes run it over NVLink, eagerly and replayed in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from plugins.allreduce import BLOCK, MAX_NUMEL, MAX_PROGRAMS, PeerAllReduce, one_shot_all_reduce
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("world,rank,n", [(2, 0, 3 * BLOCK + 5), (4, 2, BLOCK - 1)])
+def test_one_rank_sums_alternates_halves_and_raises_its_flags(world, rank, n):
+    dtype = torch.float16  # bf16 runs on the GPUs only: the interpreter truncates fp32 -> bf16 instead of rounding
+    gen = torch.Generator().manual_seed(world * 10 + rank)
+    calls = [[(torch.randn(n, generator=gen) * 100).to(DEVICE, dtype) for _ in range(world)] for _ in range(2)]
+    programs = -(-n // BLOCK)
+    buffers = [torch.full((2 * n,), float("nan"), dtype=dtype, device=DEVICE) for _ in range(world)]
+    for epoch, parts in enumerate(calls, start=1):  # the peers' parts, in the half of each call's parity
+        for r in range(world):
+            if r != rank:
+                buffers[r][(epoch % 2) * n:][:n] = parts[r]
+    flags = [torch.zeros(MAX_PROGRAMS, world, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    flags[rank][:programs] = len(calls)  # every peer has raised its flags of both calls here ...
+    flags[rank][:, rank] = 0  # ... but not this rank itself
+    epochs = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=DEVICE)
+    buf_ptrs = torch.tensor([b.data_ptr() for b in buffers], device=DEVICE)
+    flag_ptrs = torch.tensor([f.data_ptr() for f in flags], device=DEVICE)
+
+    for epoch, parts in enumerate(calls, start=1):
+        out = torch.full((n,), float("nan"), dtype=dtype, device=DEVICE)
+        one_shot_all_reduce(parts[rank], out, buf_ptrs, flag_ptrs, epochs, rank, world)
+
+        assert torch.equal(out, sum(p.float() for p in parts).to(dtype)), f"call {epoch}"
+        assert torch.equal(buffers[rank][(epoch % 2) * n:][:n], parts[rank]), f"call {epoch}: own part in its half"
+        assert epochs[:programs].eq(epoch).all() and not epochs[programs:].any()
+        raised = torch.zeros(MAX_PROGRAMS, world, dtype=torch.int32, device=DEVICE)
+        raised[:programs, rank] = epoch
+        for peer in range(world):
+            if peer != rank:
+                assert torch.equal(flags[peer], raised), f"call {epoch}: flags raised on peer {peer}"
+    assert torch.equal(buffers[rank][n:], calls[0][rank]), "call 2 must not overwrite call 1's half"
+
+
+def test_too_large_a_tensor_is_refused():
+    x = torch.zeros(MAX_NUMEL + 1, dtype=torch.float16)
+    none = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="at most"):
+        one_shot_all_reduce(x, x, none, none, torch.zeros(MAX_PROGRAMS, dtype=torch.int32), 0, 2)
+
+
+def _worker(rank: int, world: int, init_file: str) -> None:
+    os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world, device_id=device)
+    try:
+        reduce = PeerAllReduce()
+        shapes = [(8192, torch.float16), (16 * 8192, torch.bfloat16), (8192, torch.float16), (BLOCK + 3, torch.float16)]
+        for step, (numel, dtype) in enumerate(shapes):
+            parts = [torch.randn(numel, generator=torch.Generator().manual_seed(100 * step + r)).to(dtype)
+                     for r in range(world)]
+            got = reduce(parts[rank].to(device))
+            assert torch.equal(got.cpu(), sum(p.float() for p in parts).to(dtype)), (step, numel, dtype)
+        # 64 calls without a host sync, rank 1 stalled now and then so that rank 0 runs ahead: a buffer half reused
+        # too early would show up as a wrong sum
+        inputs = [[torch.randn(4 * BLOCK, generator=torch.Generator().manual_seed(500 + 10 * k + r)).half()
+                   for r in range(world)] for k in range(64)]
+        on_device = [parts[rank].to(device) for parts in inputs]
+        outputs = []
+        for k, x in enumerate(on_device):
+            if rank == 1 and k % 5 == 0:
+                torch.cuda._sleep(200_000)  # ~0.1 ms of GPU time
+            outputs.append(reduce(x))
+        for k, (parts, got) in enumerate(zip(inputs, outputs)):
+            assert torch.equal(got.cpu(), sum(p.float() for p in parts).half()), f"back-to-back call {k}"
+        # inside a CUDA graph, replayed with new inputs: the call counts advance on device at every replay
+        x = torch.empty(8192, dtype=torch.float16, device=device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = reduce(x)
+        for step in range(20):
+            parts = [torch.randn(8192, generator=torch.Generator().manual_seed(1000 + 10 * step + r)).half()
+                     for r in range(world)]
+            x.copy_(parts[rank])
+            graph.replay()
+            assert torch.equal(y.cpu(), sum(p.float() for p in parts).half()), step
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs that map each other's memory")
+def test_two_gpus_all_reduce_eagerly_and_in_graphs(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
