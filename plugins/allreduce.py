@@ -93,10 +93,16 @@ class PeerAllReduce:
         self._symmetric_memory.append((t, torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)))
         return self._symmetric_memory[-1][1]
 
+    @staticmethod
+    def takes(t: torch.Tensor) -> bool:
+        """Whether `t` fits: at most MAX_NUMEL elements of 2 or 4 bytes (larger tensors are NCCL's job)."""
+        return t.numel() <= MAX_NUMEL and t.element_size() in (2, 4)
+
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.takes(t):
+            raise ValueError(f"one-shot all-reduce takes at most {MAX_NUMEL} elements of 2 or 4 bytes, got "
+                             f"{t.numel()} of {t.dtype}")
         t = t.contiguous()
-        if t.element_size() > 4:
-            raise ValueError(f"one-shot all-reduce takes 2- or 4-byte elements, got {t.dtype}")
         if not self._symmetric_memory:
             self._buf_ptrs = self._symmetric(2 * MAX_NUMEL, torch.int32, t.device)  # two halves of up to 4 bytes each
             self._flag_ptrs = self._symmetric(MAX_PROGRAMS * self.world, torch.int32, t.device)

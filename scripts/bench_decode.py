@@ -12,7 +12,7 @@ the GPUs cannot receive 70B-shaped files), plans them with the converter's own `
 - `dense`: the tpaware shards dequantized to fp16, input permutations folded into the weights, `torch.matmul`.
 
 Per batch size and mode: prefill a prompt into a `StaticKVCache`, check one eager decode step against the growing
-`KVCache`, capture that step (NCCL inside) in a CUDA graph, check a replay against the eager step and every mode
+`KVCache`, capture that step (collectives inside) in a CUDA graph, check a replay against the eager step and every mode
 against tpaware, then time `--reps` replays. The slowest rank's median is reported. Every replay decodes the next
 position, so the cache holds the prompt plus every timed token and attention spans all of it. Writes `<out>.json`
 and `<out>.md`. `--device cpu` runs the checks on gloo (fp32, exact path, no graphs, no timing).
@@ -32,7 +32,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_mlp import environment, init_rank, median_us, random_layer, run_per_tp, slowest  # noqa: E402
+from bench_mlp import ALL_REDUCE_TEXT, environment, init_rank, median_us, random_layer, run_per_tp  # noqa: E402
+from bench_mlp import slowest  # noqa: E402
 from pipeline.arch import LLAMA, Dims, layer_name  # noqa: E402
 from pipeline.gptq.layer import QuantLinear, dequantize  # noqa: E402
 from pipeline.plan import Plan, column_layer, local_sort_row_layer, plan_model  # noqa: E402
@@ -155,7 +156,7 @@ def decode_row(model: Transformer, mode: str, batch: int, args: argparse.Namespa
     model(prompt, cache)
     start = cache.position.clone()
     cuda = device.type == "cuda"
-    if cuda:  # compile and tune every kernel, and set NCCL up, outside the capture (and off the capture's stream)
+    if cuda:  # compile and tune every kernel, and set the collectives up, outside the capture (and off the capture's stream)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -211,8 +212,9 @@ def markdown(env: dict, rows: list[dict]) -> str:
              *kernel_note(env),
              f"Llama-70B shapes (hidden {a['shape'][0]}, intermediate {a['shape'][1]}, {a['heads']} heads, "
              f"{a['kv_heads']} kv heads) cut to {a['layers']} layers, vocab {a['vocab']}, group {a['group_size']}, "
-             f"fp16; prompt {a['prompt']} tokens, then one decode step captured in a CUDA graph (NCCL inside) and "
-             f"replayed {a['reps']} times, each at the next position (static KV cache of "
+             f"fp16; prompt {a['prompt']} tokens, then one decode step captured in a CUDA graph (collectives inside; "
+             f"all-reduce: {env.get('all_reduce', 'NCCL')}) and replayed {a['reps']} times, each at the next position "
+             f"(static KV cache of "
              f"{a['prompt'] + WARMUP_STEPS + a['reps'] + 1} slots, attention over all of them).", "",
              "Slowest rank's median µs per decode step (one token for each of the batch's sequences); the ratios are "
              "each mode's time over tpaware's (above 1: tpaware is faster).", "",
@@ -278,6 +280,8 @@ def main() -> None:
         (torch.float16, 2e-2, 1e-2) if args.device == "cuda" else (torch.float32, 1e-4, 1e-5))
     def save(rows: list[dict]) -> None:
         env = {**environment(), "autotune": os.environ.get("TPAWARE_AUTOTUNE"),
+               "all_reduce": ALL_REDUCE_TEXT["peer" if os.environ.get("TPAWARE_ALL_REDUCE", "peer") == "peer"
+                                             else "nccl"],
                "args": {k: getattr(args, k) for k in SETTINGS}}
         write_results(args.out, env, rows)
 

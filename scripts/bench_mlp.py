@@ -263,10 +263,10 @@ def init_rank(rank: int, tp: int, device_kind: str, port: int) -> torch.device:
 
 def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str) -> None:
     device = init_rank(rank, tp, args.device, port)
-    all_reduce = nccl_all_reduce
-    if tp > 1 and args.all_reduce == "one-shot":
+    all_reduce = nccl_all_reduce  # and gloo's on the CPU
+    if tp > 1 and args.device == "cuda" and args.all_reduce == "one-shot":
         all_reduce = OneShotAllReduce()
-    elif tp > 1 and args.all_reduce == "peer":
+    elif tp > 1 and args.device == "cuda" and args.all_reduce == "peer":
         from plugins.allreduce import PeerAllReduce
 
         all_reduce = PeerAllReduce()
@@ -369,9 +369,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--max-copies", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--all-reduce", choices=tuple(ALL_REDUCE_TEXT), default="nccl",
-                        help="the final all-reduce: NCCL, or PyTorch's symmetric-memory one-shot kernel (NVLink "
-                        "peer-to-peer reads, multicast off; GPUs only)")
+    parser.add_argument("--all-reduce", choices=tuple(ALL_REDUCE_TEXT), default="peer",
+                        help="the final all-reduce at tp > 1 on GPUs: tpaware's one-shot kernel (the runtime's "
+                        "default), NCCL, or PyTorch's symmetric-memory one-shot (fp32/bf16 only, so fp16 is copied); "
+                        "the one-shot kernels read peers over NVLink, multicast off")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/mlp"))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: check every mode's output with gloo (no timing), e.g. on small --shape")

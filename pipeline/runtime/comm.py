@@ -1,11 +1,14 @@
 """The one place collectives happen, so tests can count them.
 
-`DistComm` wraps torch.distributed (gloo on CPU, NCCL on GPU). `ThreadGroup` runs all ranks as threads of one process,
-summing in rank order, for the simulated-TP reference: the same model code, no processes.
+`DistComm` wraps torch.distributed (gloo on CPU, NCCL on GPU); on GPUs that map each other's memory, the all-reduce of
+decode-sized tensors runs the one-shot kernel of `plugins/allreduce.py` (2.4x faster than NCCL's on 2 x H100,
+`benchmarks/allreduce_h100x2.md`; `TPAWARE_ALL_REDUCE=nccl` turns it off).  `ThreadGroup` runs all ranks as threads
+of one process, summing in rank order, for the simulated-TP reference: the same model code, no processes.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 
@@ -41,8 +44,25 @@ class DistComm(Comm):
 
         self._dist, self._group = dist, group
         super().__init__(dist.get_rank(group), dist.get_world_size(group))
+        self._peer = None  # the one-shot all-reduce, made at the first CUDA all-reduce where every GPU pair maps
+        self._peer_checked = False
+
+    def _peer_all_reduce(self, t: torch.Tensor):
+        """The one-shot all-reduce if it takes `t` (same answer on every rank: the shapes and machine are the same)."""
+        if not self._peer_checked:
+            self._peer_checked = True
+            world = range(self.world_size)  # rank r runs on cuda:r (pipeline.runtime.launch)
+            if os.environ.get("TPAWARE_ALL_REDUCE", "peer") == "peer" and all(
+                    torch.cuda.can_device_access_peer(a, b) for a in world for b in world if a != b):
+                from plugins.allreduce import PeerAllReduce
+
+                self._peer = PeerAllReduce(self._group)
+        return self._peer if self._peer is not None and self._peer.takes(t) else None
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        peer = self._peer_all_reduce(t) if t.is_cuda else None
+        if peer is not None:
+            return peer(t)
         t = t.contiguous()
         self._dist.all_reduce(t, group=self._group)
         return t
