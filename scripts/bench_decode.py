@@ -156,7 +156,7 @@ def decode_row(model: Transformer, mode: str, batch: int, args: argparse.Namespa
     model(prompt, cache)
     start = cache.position.clone()
     cuda = device.type == "cuda"
-    if cuda:  # compile and tune every kernel, and set the collectives up, outside the capture (and off the capture's stream)
+    if cuda:  # compile and tune every kernel, and set the collectives up outside the capture, off the capture stream
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
