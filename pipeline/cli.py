@@ -380,6 +380,13 @@ def bench_decode(ctx: typer.Context) -> None:
     _bench_script("bench_decode.py", ctx.args)
 
 
+@bench_app.command("allreduce", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_allreduce(ctx: typer.Context) -> None:
+    """All-reduce latency of decode-sized fp16 tensors in CUDA graphs, NCCL vs PyTorch's one-shot vs tpaware's
+    (the runtime's default); runs scripts/bench_allreduce.py with these arguments (needs 2+ GPUs)."""
+    _bench_script("bench_allreduce.py", ctx.args)
+
+
 def _bench_script(name: str, args: list[str]) -> None:
     """Run scripts/<name> in this Python: the scripts stay runnable where typer is not installed (GPU images)."""
     import subprocess
