@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from plugins.pdl import enabled as pdl_enabled
+from plugins.pdl import wait_for_previous_kernel
+
 BLOCK = 2048  # elements per program: 8 per thread at 8 warps, 16-byte loads for fp16/bf16
 MAX_PROGRAMS = 256  # epochs and flags per peer; larger tensors are refused (the caller uses NCCL for them)
 MAX_NUMEL = BLOCK * MAX_PROGRAMS  # 512 Ki elements: 1 MiB in fp16, well past where one-shot stops paying
@@ -27,8 +30,9 @@ MAX_NUMEL = BLOCK * MAX_PROGRAMS  # 512 Ki elements: 1 MiB in fp16, well past wh
 
 @triton.jit
 def _one_shot_kernel(x_ptr, out_ptr, buf_ptrs, flag_ptrs, epoch_ptr, n, rank, WORLD: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """out = the sum over ranks of x, chunk `program_id` of it."""
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """out = the sum over ranks of x, chunk `program_id` of it (launched while the GEMM that writes x finishes)."""
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -64,8 +68,9 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, buf_ptrs: torch.Tens
     n = x.numel()
     if n > MAX_NUMEL:
         raise ValueError(f"one-shot all-reduce takes at most {MAX_NUMEL} elements, got {n}")
+    pdl = pdl_enabled(x.device)
     _one_shot_kernel[(triton.cdiv(n, BLOCK),)](x, out, buf_ptrs, flag_ptrs, epochs, n, rank, WORLD=world,
-                                              BLOCK=BLOCK, num_warps=8)
+                                              BLOCK=BLOCK, PDL=pdl, num_warps=8, launch_pdl=pdl)
     return out
 
 

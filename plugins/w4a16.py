@@ -35,6 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from plugins.pdl import enabled as pdl_enabled
+from plugins.pdl import let_next_kernel_launch, wait_for_previous_kernel
+
 DENORM_UNDO = tl.constexpr(2.0**85)  # 2^149 / 2^64: turns the accumulated sum back into x * q
 X_UNDO = tl.constexpr(2.0**-64)  # FMA g_idx path: undoes X's 2^64 (its 16^-e cancels the weight's 16^e)
 PREP_ROWS = 128  # packed rows of X per `_prep_x_kernel` program
@@ -92,7 +95,7 @@ def w4a16_kernel(
     M, N, K, stride_xm, stride_om, magic,
     GROUP_SIZE: tl.constexpr, HAS_PERM: tl.constexpr, HAS_GIDX: tl.constexpr, PREPARED_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, STREAM_K: tl.constexpr,
+    USE_DOT: tl.constexpr, PREFETCH: tl.constexpr, STREAM_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """The P programs share the T (output tile, K step) iterations: program p takes [p T / P, (p + 1) T / P).
 
@@ -103,7 +106,11 @@ def w4a16_kernel(
     * split-K (P = tiles x split): every range lies inside one tile, the K steps split evenly;
     * STREAM_K (P >= tiles, e.g. a multiple of the SM count): a range spans at most two tiles,
       and every program gets the same work, so no last round of programs runs half empty.
+    With PDL (plugins/pdl.py) the next kernel may launch once every program has started, and nothing is read before
+    the previous kernel (the X preparation, or whatever wrote X) has completed.
     """
+    let_next_kernel_launch(PDL)
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -371,7 +378,7 @@ def _fma_step(acc, q, rows, mask_r, mask_w, step, x_ptr, xsum_ptr, qzeros_ptr, s
 
 @triton.jit
 def _prep_x_kernel(x_ptr, perm_ptr, xs_ptr, xsum_ptr, M, K, K_PAD, stride_xm, HAS_PERM: tl.constexpr,
-                   FOR_DOT: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
+                   FOR_DOT: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     """X as the GEMM reads it, once per call: gathered (X[:, perm]), reordered, scaled, with row
     sums, zero in the padding (columns k >= K, and rows m >= M where the FMA path reads whole M
     blocks), so that the GEMM loads it without masks along K.
@@ -384,6 +391,7 @@ def _prep_x_kernel(x_ptr, perm_ptr, xs_ptr, xsum_ptr, M, K, K_PAD, stride_xm, HA
     In the GEMM every thread would gather, convert and sum each X value it uses, for only the
     columns it owns, and the dot path again for every N tile: one extra launch does it once.
     """
+    wait_for_previous_kernel(PDL)  # X is the previous kernel's output
     m = tl.program_id(0)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     i = tl.arange(0, 8)
@@ -517,6 +525,7 @@ def w4a16_matmul(
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     xsum = x  # read only with PREPARED_X
+    pdl = pdl_enabled(x.device)
     prepared = config.prepares_x(in_perm is not None, group_size, g_idx is not None)
     if prepared:  # gathered, converted, ordered and summed once, not per thread in the GEMM
         # the FMA path reads whole M blocks unmasked; the dot path masks rows past M (no traffic for them)
@@ -527,7 +536,8 @@ def w4a16_matmul(
         xsum = torch.empty(m_pad, k_pad // (8 * sum_rows), dtype=torch.float32, device=x.device)
         _prep_x_kernel[(m_pad, triton.cdiv(k_pad // 8, PREP_ROWS))](
             x, x if in_perm is None else in_perm, xs, xsum, m, k, k_pad, x.stride(0),
-            HAS_PERM=in_perm is not None, FOR_DOT=config.use_dot, SUM_ROWS=sum_rows, BLOCK_R=PREP_ROWS)
+            HAS_PERM=in_perm is not None, FOR_DOT=config.use_dot, SUM_ROWS=sum_rows, BLOCK_R=PREP_ROWS,
+            PDL=pdl, launch_pdl=pdl)
         x, in_perm = xs, None
     programs, tiles = config.grid(m, n, k)
     locks = _locks(x.device, tiles)
@@ -543,7 +553,7 @@ def w4a16_matmul(
         m, n, k, x.stride(0), out.stride(0), PAIR_MAGIC[out.dtype] if config.use_dot else MAGIC.value,
         GROUP_SIZE=group_size, HAS_PERM=in_perm is not None, HAS_GIDX=g_idx is not None, PREPARED_X=prepared,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, PREFETCH=config.prefetch, STREAM_K=config.programs > 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        USE_DOT=config.use_dot, PREFETCH=config.prefetch, STREAM_K=config.programs > 0, PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     return out

@@ -39,7 +39,7 @@ def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, per
     prepared = config.prepares_x(perm, group_size, gidx)
     consts = dict(GROUP_SIZE=group_size, HAS_PERM=perm and not prepared, HAS_GIDX=gidx, PREPARED_X=prepared,
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, PREFETCH=prefetch,
-                  STREAM_K=stream_k)
+                  STREAM_K=stream_k, PDL=True)  # launched with programmatic dependent launch, as on H100
     x = "fp32" if prepared and not use_dot else dtype  # the FMA path's prepared X is fp32
     pointers = {"x_ptr": x, "xsum_ptr": "fp32" if prepared else x, "out_ptr": dtype, "ws_ptr": "fp32",
                 "lock_ptr": "i32", "scales_ptr": "fp16", "perm_ptr": "i64" if perm else "i32"}
