@@ -6,12 +6,14 @@ memory: NVLink peer-to-peer, no multicast), tells each peer that the chunk is th
 same, reads all parts over NVLink and sums them in rank order (fp32, so every rank holds the same bits): one kernel,
 no host synchronisation, capturable in a CUDA graph.
 
-Signalling costs one one-way NVLink store per peer.  Program p keeps a call count (its epoch) in local memory; it
-raises its flag on each peer to the epoch (release, system scope) and waits until each peer's flag here has reached
-it (acquire), so flags never need a reset.  Calls alternate between the two halves of the buffer by the epoch's
-parity, which removes the second barrier a single buffer would need (no rank may overwrite its part before every
-peer has read it): a rank writes half e % 2 in call e only after its call e - 1 saw every peer's flag e - 1, which the
-peer raised after its call e - 2, the last reader of that half, had finished.
+Signalling costs one one-way NVLink store per peer.  Program p keeps a call count (its epoch, modulo EPOCHS) in
+local memory; it sets its flag on each peer to the epoch (release, system scope) and waits until each peer's flag here
+shows the epoch (acquire), so flags never need a reset.  Calls alternate between the two halves of the buffer by the
+epoch's parity, which removes the second barrier a single buffer would need (no rank may overwrite its part before
+every peer has read it): a rank writes half e % 2 in call e only after its call e - 1 saw every peer's flag e - 1,
+which the peer set after its call e - 2, the last reader of that half, had finished.  For the same reason a peer is at
+most one call ahead, so a flag holds e - 1, e or e + 1 while a rank waits for e: the wait accepts e and e + 1 only,
+which stays right when the count wraps (a serving process makes billions of calls).
 """
 
 from __future__ import annotations
@@ -26,18 +28,19 @@ from plugins.pdl import wait_for_previous_kernel
 BLOCK = 2048  # elements per program: 8 per thread at 8 warps, 16-byte loads for fp16/bf16
 MAX_PROGRAMS = 256  # epochs and flags per peer; larger tensors are refused (the caller uses NCCL for them)
 MAX_NUMEL = BLOCK * MAX_PROGRAMS  # 512 Ki elements: 1 MiB in fp16, well past where one-shot stops paying
+EPOCHS = 1 << 30  # call counts wrap here (even, so the buffer halves keep alternating across the wrap)
 
 
 @triton.jit
 def _one_shot_kernel(x_ptr, out_ptr, buf_ptrs, flag_ptrs, epoch_ptr, n, rank, WORLD: tl.constexpr,
-                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK: tl.constexpr, EPOCHS: tl.constexpr, PDL: tl.constexpr):
     """out = the sum over ranks of x, chunk `program_id` of it (launched while the GEMM that writes x finishes)."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dtype = x_ptr.dtype.element_ty
-    epoch = tl.load(epoch_ptr + pid) + 1  # this program's call count: the same on every rank
+    epoch = (tl.load(epoch_ptr + pid) + 1) % EPOCHS  # this program's call count: the same on every rank
     half = (epoch % 2) * n
     mine = tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype)) + half
     tl.store(mine + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
@@ -45,12 +48,14 @@ def _one_shot_kernel(x_ptr, out_ptr, buf_ptrs, flag_ptrs, epoch_ptr, n, rank, WO
     for peer in tl.static_range(WORLD):
         if peer != rank:
             theirs = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-            tl.atomic_max(theirs + pid * WORLD + rank, epoch, sem="release", scope="sys")
+            tl.atomic_xchg(theirs + pid * WORLD + rank, epoch, sem="release", scope="sys")
     own = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
+    ahead = (epoch + 1) % EPOCHS  # the peer may already be in its next call
     for peer in tl.static_range(WORLD):
         if peer != rank:
-            while tl.atomic_add(own + pid * WORLD + peer, 0, sem="acquire", scope="sys") < epoch:
-                pass
+            seen = tl.atomic_add(own + pid * WORLD + peer, 0, sem="acquire", scope="sys")
+            while (seen != epoch) & (seen != ahead):
+                seen = tl.atomic_add(own + pid * WORLD + peer, 0, sem="acquire", scope="sys")
     tl.debug_barrier()  # no thread reads a peer's part before its flag was seen
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for r in tl.static_range(WORLD):  # rank order on every rank: the same bits everywhere
@@ -70,7 +75,7 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, buf_ptrs: torch.Tens
         raise ValueError(f"one-shot all-reduce takes at most {MAX_NUMEL} elements, got {n}")
     pdl = pdl_enabled(x.device)
     _one_shot_kernel[(triton.cdiv(n, BLOCK),)](x, out, buf_ptrs, flag_ptrs, epochs, n, rank, WORLD=world,
-                                              BLOCK=BLOCK, PDL=pdl, num_warps=8, launch_pdl=pdl)
+                                              BLOCK=BLOCK, EPOCHS=EPOCHS, PDL=pdl, num_warps=8, launch_pdl=pdl)
     return out
 
 

@@ -2,9 +2,9 @@
 
 One rank runs alone (on the CPU in Triton's interpreter, or on one GPU) against buffers and flags laid out as its
 peers would have left them: every peer's parts of two calls already in their buffer halves and every peer's flags
-already raised, so the rank's waits pass at once.  Checked over two calls: the sums, its own part copied into the
-half of its buffer that the call's parity picks, its call counts, and exactly its flags raised on every peer to the
-call's count.  With two GPUs, real processes run it over NVLink, eagerly and replayed in a CUDA graph.
+already set to the second call's count, so the rank's waits pass at once.  Checked over two calls (once across the
+wrap of the call count): the sums, its own part copied into the half of its buffer that the call's parity picks, its
+call counts, and exactly its flags set on every peer to the call's count.  With two GPUs, real processes run it over NVLink, eagerly and replayed in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -16,42 +16,45 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from plugins.allreduce import BLOCK, MAX_NUMEL, MAX_PROGRAMS, PeerAllReduce, one_shot_all_reduce
+from plugins.allreduce import BLOCK, EPOCHS, MAX_NUMEL, MAX_PROGRAMS, PeerAllReduce, one_shot_all_reduce
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("world,rank,n", [(2, 0, 3 * BLOCK + 5), (4, 2, BLOCK - 1)])
-def test_one_rank_sums_alternates_halves_and_raises_its_flags(world, rank, n):
+@pytest.mark.parametrize("world,rank,n,start", [(2, 0, 3 * BLOCK + 5, 0), (4, 2, BLOCK - 1, 0),
+                                                (2, 1, BLOCK + 1, EPOCHS - 2)])  # the last: the count wraps
+def test_one_rank_sums_alternates_halves_and_raises_its_flags(world, rank, n, start):
     dtype = torch.float16  # bf16 runs on the GPUs only: the interpreter truncates fp32 -> bf16 instead of rounding
     gen = torch.Generator().manual_seed(world * 10 + rank)
     calls = [[(torch.randn(n, generator=gen) * 100).to(DEVICE, dtype) for _ in range(world)] for _ in range(2)]
+    counts = [(start + 1) % EPOCHS, (start + 2) % EPOCHS]  # the two calls' epochs
     programs = -(-n // BLOCK)
     buffers = [torch.full((2 * n,), float("nan"), dtype=dtype, device=DEVICE) for _ in range(world)]
-    for epoch, parts in enumerate(calls, start=1):  # the peers' parts, in the half of each call's parity
+    for epoch, parts in zip(counts, calls):  # the peers' parts, in the half of each call's parity
         for r in range(world):
             if r != rank:
                 buffers[r][(epoch % 2) * n:][:n] = parts[r]
     flags = [torch.zeros(MAX_PROGRAMS, world, dtype=torch.int32, device=DEVICE) for _ in range(world)]
-    flags[rank][:programs] = len(calls)  # every peer has raised its flags of both calls here ...
+    flags[rank][:programs] = counts[-1]  # every peer is in its second call (the first call accepts one call ahead) ...
     flags[rank][:, rank] = 0  # ... but not this rank itself
-    epochs = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=DEVICE)
+    epochs = torch.full((MAX_PROGRAMS,), start, dtype=torch.int32, device=DEVICE)
     buf_ptrs = torch.tensor([b.data_ptr() for b in buffers], device=DEVICE)
     flag_ptrs = torch.tensor([f.data_ptr() for f in flags], device=DEVICE)
 
-    for epoch, parts in enumerate(calls, start=1):
+    for epoch, parts in zip(counts, calls):
         out = torch.full((n,), float("nan"), dtype=dtype, device=DEVICE)
         one_shot_all_reduce(parts[rank], out, buf_ptrs, flag_ptrs, epochs, rank, world)
 
         assert torch.equal(out, sum(p.float() for p in parts).to(dtype)), f"call {epoch}"
         assert torch.equal(buffers[rank][(epoch % 2) * n:][:n], parts[rank]), f"call {epoch}: own part in its half"
-        assert epochs[:programs].eq(epoch).all() and not epochs[programs:].any()
+        assert epochs[:programs].eq(epoch).all() and epochs[programs:].eq(start).all()
         raised = torch.zeros(MAX_PROGRAMS, world, dtype=torch.int32, device=DEVICE)
         raised[:programs, rank] = epoch
         for peer in range(world):
             if peer != rank:
                 assert torch.equal(flags[peer], raised), f"call {epoch}: flags raised on peer {peer}"
-    assert torch.equal(buffers[rank][n:], calls[0][rank]), "call 2 must not overwrite call 1's half"
+    first_half = (counts[0] % 2) * n
+    assert torch.equal(buffers[rank][first_half:][:n], calls[0][rank]), "call 2 must not overwrite call 1's half"
 
 
 def test_too_large_a_tensor_is_refused():
