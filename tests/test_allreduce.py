@@ -4,7 +4,9 @@ One rank runs alone (on the CPU in Triton's interpreter, or on one GPU) against 
 peers would have left them: every peer's parts of two calls already in their buffer halves and every peer's flags
 already set to the second call's count, so the rank's waits pass at once.  Checked over two calls (once across the
 wrap of the call count): the sums, its own part copied into the half of its buffer that the call's parity picks, its
-call counts, and exactly its flags set on every peer to the call's count.  With two GPUs, real processes run it over NVLink, eagerly and replayed in a CUDA graph.
+call counts, and exactly its flags set on every peer to the call's count.  A regression in the count arithmetic can
+make the rank wait forever instead of failing.  With two GPUs, real processes run it over NVLink: back to back with
+one rank stalled now and then, and replayed in a CUDA graph.
 """
 
 from __future__ import annotations
