@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
+from typing import Callable
 
 import torch
 
@@ -47,7 +48,7 @@ class DistComm(Comm):
         self._peer = None  # the one-shot all-reduce, made at the first CUDA all-reduce where every GPU pair maps
         self._peer_checked = False
 
-    def _peer_all_reduce(self, t: torch.Tensor):
+    def _peer_all_reduce(self, t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The one-shot all-reduce if it takes `t` (same answer on every rank: the shapes and machine are the same)."""
         if not self._peer_checked:
             self._peer_checked = True
