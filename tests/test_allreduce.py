@@ -66,6 +66,48 @@ def test_too_large_a_tensor_is_refused():
         one_shot_all_reduce(x, x, none, none, torch.zeros(MAX_PROGRAMS, dtype=torch.int32), 0, 2)
 
 
+class _FakePeer:
+    """Stands in for PeerAllReduce: records what it was asked to reduce."""
+
+    def __init__(self, group=None):
+        self.calls: list[torch.Tensor] = []
+
+    takes = staticmethod(PeerAllReduce.takes)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls.append(t)
+        return t
+
+
+@pytest.mark.parametrize("setting,maps,numel,dtype,expected", [
+    ("peer", True, 16 * 8192, torch.float16, "peer"),
+    ("peer", True, MAX_NUMEL + 1, torch.float16, "nccl"),  # a prompt's tensor: NCCL's job
+    ("peer", True, 8192, torch.float64, "nccl"),
+    ("peer", False, 8192, torch.float16, "nccl"),  # some GPU pair cannot map the other's memory
+    ("nccl", True, 8192, torch.float16, "nccl"),  # TPAWARE_ALL_REDUCE=nccl
+])
+def test_runtime_takes_the_one_shot_kernel_only_where_it_fits(monkeypatch, tmp_path, setting, maps, numel, dtype,
+                                                             expected):
+    import plugins.allreduce
+    from pipeline.runtime.comm import DistComm
+
+    monkeypatch.setenv("TPAWARE_ALL_REDUCE", setting)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: maps)
+    monkeypatch.setattr(plugins.allreduce, "PeerAllReduce", _FakePeer)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        comm = DistComm()
+        comm.world_size = 2  # as if a second rank existed: only the choice is checked, nothing is reduced
+        t = torch.zeros(numel, dtype=dtype)
+        chosen = comm._peer_all_reduce(t)
+        assert ("peer" if chosen is not None else "nccl") == expected
+        if chosen is not None:
+            chosen(t)
+            assert chosen.calls == [t]
+    finally:
+        dist.destroy_process_group()
+
+
 def _worker(rank: int, world: int, init_file: str) -> None:
     os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     torch.cuda.set_device(rank)
