@@ -13,8 +13,9 @@ plan functions as `tpaware convert`, so the shapes and permutations are the conv
   scales/zeros of every group its rows touch; general g_idx path; one AllReduce.
 - `dense`: fp16 weights through cuBLAS (`torch.matmul`), the unquantized baseline.
 
-Every quantized mode is first checked against an fp32 reference of the unsharded MLP. Timing: CUDA graphs (NCCL
-inside the graph) and eager, median over `--reps` replays, weights rotated through several copies when one copy
+Every quantized mode is first checked against an fp32 reference of the unsharded MLP. Timing: CUDA graphs (the
+collectives inside: the final all-reduce is `--all-reduce`, tpaware's one-shot kernel by default; the naive mode's
+AllGather is NCCL's) and eager, median over `--reps` replays, weights rotated through several copies when one copy
 would sit in L2; the slowest rank's median is reported. Writes `<out>.json` and `<out>.md`; `scripts/plot_mlp.py`
 draws the PNG from the JSON.
 """
