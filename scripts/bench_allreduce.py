@@ -4,8 +4,8 @@
 
 The tensor is [M, hidden] fp16, what a TP MLP or attention block reduces per token.  Each method is first checked
 (tpaware's result must equal the rank-order fp32 sum rounded once; the others within fp16 rounding of it), then timed
-as `--calls` all-reduces back to back in a CUDA graph, median of `--reps` replays, slowest rank.  Writes `<out>.json`
-and `<out>.md`.
+as `--calls` all-reduces back to back in one CUDA graph (`tuning.graph_time_us`, as the GEMM benchmark times its
+calls), median of `--reps` replays, slowest rank.  Writes `<out>.json` and `<out>.md`.
 """
 
 from __future__ import annotations
@@ -21,22 +21,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_mlp import ALL_REDUCE_TEXT, OneShotAllReduce, environment, init_rank, median_us  # noqa: E402
-from bench_mlp import nccl_all_reduce, run_per_tp, slowest  # noqa: E402
+from bench_mlp import ALL_REDUCE_TEXT, OneShotAllReduce, environment, init_rank, nccl_all_reduce  # noqa: E402
+from bench_mlp import run_per_tp, slowest  # noqa: E402
 from plugins.allreduce import PeerAllReduce  # noqa: E402
-
-
-def graph_us(fn, x: torch.Tensor, calls: int, reps: int) -> float:
-    """µs per `fn(x)`: median over `reps` replays of a CUDA graph of `calls` back-to-back calls, divided by `calls`
-    (one call per replay would time the graph launch).  Warmed up, buffers made, outside the capture."""
-    for _ in range(3):
-        fn(x)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn(x)
-    return median_us(lambda i: graph.replay(), reps) / calls
+from plugins.tuning import graph_time_us  # noqa: E402
 
 
 def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str) -> None:
@@ -52,8 +40,9 @@ def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str
             got = fn(x.clone()).cpu()  # NCCL reduces in place: x stays each rank's part
             err = (got.float() - exact.float()).abs().max().item()
             assert (err == 0) if name == "peer" else err <= 2e-3 * exact.float().abs().max().item(), (name, m, err)
+            t = x.clone()  # NCCL's in-place sums grow t while timing: x stays each rank's part
             row = {"tp": tp, "m": m, "method": name, "bytes": x.numel() * x.element_size(), "max_abs_err": err,
-                   "graph_us": slowest(graph_us(fn, x.clone(), args.calls, args.reps), device)}
+                   "graph_us": slowest(graph_time_us(lambda _: (lambda: fn(t)), args.calls, args.reps), device)}
             rows.append(row)
             if rank == 0:
                 print(f"tp={tp} M={m:2d} {name:8s} {row['graph_us']:7.1f} us", flush=True)
@@ -95,8 +84,8 @@ def main() -> None:
         Path(f"{args.out}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
         Path(f"{args.out}.md").write_text(markdown(env, rows))
 
-    rows = run_per_tp(worker, args, 29700, save)
-    print(markdown({**environment(), "calls": args.calls}, rows))
+    run_per_tp(worker, args, 29700, save)
+    print(Path(f"{args.out}.md").read_text())
 
 
 if __name__ == "__main__":
