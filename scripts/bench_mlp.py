@@ -16,7 +16,7 @@ plan functions as `tpaware convert`, so the shapes and permutations are the conv
 Every quantized mode is first checked against an fp32 reference of the unsharded MLP. Timing: CUDA graphs (the
 collectives inside: the final all-reduce is `--all-reduce`, tpaware's one-shot kernel by default; the naive mode's
 AllGather is NCCL's) and eager, median over `--reps` replays, weights rotated through several copies when one copy
-would sit in L2; the slowest rank's median is reported. Writes `<out>.json` and `<out>.md`; `scripts/plot_mlp.py`
+would sit in L2, in `--rounds` rounds with the modes taking turns; the slowest rank's median over rounds is reported. Writes `<out>.json` and `<out>.md`; `scripts/plot_mlp.py`
 draws the PNG from the JSON.
 """
 
@@ -293,8 +293,12 @@ def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str
             sets += 1
         for m in args.m if args.device == "cuda" else ():
             x = _same_on_every_rank(m, hidden, args.dtype, device)
+            rounds: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+            for _ in range(args.rounds):  # the modes take turns: a slow spell of the card costs one round of each
+                for mode in MODES:
+                    rounds[mode].append(time_mode(copies_of[mode], x, args.reps))
             for mode in MODES:
-                times = time_mode(copies_of[mode], x, args.reps)
+                times = {k: statistics.median(r[k] for r in rounds[mode]) for k in rounds[mode][0]}
                 row = {"model": model, "tp": tp, "mode": mode, "m": m, "weight_copies": sets,
                        "bytes_per_rank": copies_of[mode][0].nbytes(),
                        **{k: slowest(v, device) for k, v in times.items()}}
@@ -334,7 +338,9 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# MLP latency under TP ({env['card']})", "",
              f"card {env['card']} x{env['gpus']}, driver {env['driver']}, torch {env['torch']} (CUDA {env['cuda']}), "
              f"triton {env['triton']}, NCCL {env['nccl']}, {env['date']}", "", f"command: `{env['command']}`", "",
-             "Slowest rank's median, µs. CUDA graph (collectives inside) / eager. Speed-up = naive / tpaware (graph). "
+             f"Slowest rank's median over {env.get('rounds', 1)} rounds (the modes in turn) of the median of "
+             f"{env.get('reps', 200)} runs, µs. CUDA graph (collectives inside) / eager. "
+             "Speed-up = naive / tpaware (graph). "
              f"All-reduce: {env.get('all_reduce', ALL_REDUCE_TEXT['nccl'])}; the naive mode's AllGather: NCCL.", ""]
     timed = [r for r in rows if "m" in r]
     for model in dict.fromkeys(r["model"] for r in timed):
@@ -368,6 +374,8 @@ def main() -> None:
     parser.add_argument("--m", default="1,2,4,8,16", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timing rounds per M, the modes in turn; each result is the median over rounds")
     parser.add_argument("--max-copies", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--all-reduce", choices=tuple(ALL_REDUCE_TEXT), default="peer",
@@ -386,7 +394,8 @@ def main() -> None:
     # fp16 on GPUs; fp32 on CPU, where the check is exact up to fp32 rounding
     args.dtype, args.tolerance = (torch.float16, 1e-2) if args.device == "cuda" else (torch.float32, 1e-5)
     def env() -> dict:
-        return {**environment(), "all_reduce": ALL_REDUCE_TEXT[args.all_reduce]}
+        return {**environment(), "all_reduce": ALL_REDUCE_TEXT[args.all_reduce], "rounds": args.rounds,
+                "reps": args.reps}
 
     rows = run_per_tp(worker, args, 29500, lambda rows: write_results(args.out, env(), rows))
     if args.device == "cpu":
