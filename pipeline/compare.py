@@ -45,7 +45,7 @@ from pipeline.rankfolder import read_manifest
 from pipeline.reference import simulate_tp
 from pipeline.runtime.comm import Comm
 from pipeline.runtime.loader import load_rank_model
-from pipeline.runtime.model import Transformer
+from pipeline.runtime.model import KVCache, Transformer
 
 LAYER_TOLERANCE = (1e-4, 1e-4)  # (atol, rtol)
 LOGITS_TOLERANCE = (1e-3, 1e-3)
@@ -181,8 +181,8 @@ def _layer_reference(model: Transformer, i: int, part: str) -> TorchFn:
     """Rank `model`'s share of layer i's attention or MLP (norm included), before the all-reduce."""
     def attn(feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = feed["hidden"]
-        positions = torch.arange(x.shape[1])
-        return {"attn_partial": model.attention(i, model.norm(i, 0, x), positions, None)}
+        step = model.step(torch.arange(x.shape[1]), KVCache(), x.dtype)  # causal attention over `hidden` alone
+        return {"attn_partial": model.attention(i, model.norm(i, 0, x), step)}
 
     def mlp(feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"mlp_partial": model.mlp(i, model.norm(i, 1, feed["hidden"]))}

@@ -17,6 +17,7 @@ from pipeline.plan import column_layer, local_sort_row_layer, mlp_layers
 from pipeline.reference import reference_model
 from pipeline.runtime.comm import Comm
 from pipeline.runtime.loader import load_rank_model
+from pipeline.runtime.model import KVCache
 from pipeline.shard import convert
 from pipeline.synth import synth_checkpoint, synth_layer
 
@@ -126,8 +127,9 @@ def test_attention_partials_sum_to_the_reference_under_both_policies(model, tp, 
         ref = reference_model(read_checkpoint(src))
         gen = torch.Generator().manual_seed(seed)
         h = torch.randn(2, 5, dims.hidden, dtype=torch.float64, generator=gen)
-        positions = torch.arange(5)
-        expected = ref.attention(0, h, positions, None)
-        total = sum(load_rank_model(out, Comm(r, tp), torch.float64).attention(0, h, positions, None)
-                    for r in range(tp))
+        def attention(model):  # layer 0's attention over h alone
+            return model.attention(0, h, model.step(torch.arange(5), KVCache(), h.dtype))
+
+        expected = attention(ref)
+        total = sum(attention(load_rank_model(out, Comm(r, tp), torch.float64)) for r in range(tp))
     assert torch.allclose(total, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())

@@ -9,7 +9,6 @@ its down linear (`pipeline.runtime.linear.GatheredLinear`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,10 +35,14 @@ class Cache(Protocol):
     def positions(self, t: int, device: torch.device) -> torch.Tensor:
         """Positions [t] of the next t tokens."""
 
+    def mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """[t, S]: which of the keys that `update` will return the queries at `positions` (the next t) may see; asked
+        once per forward, before any layer stores its keys."""
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys and values [B, kv_heads, t, head_dim] at `positions`; return every key and value to
-        attend over and the mask [t, S] of those each new query may see."""
+        attend over."""
 
     def advance(self, t: int) -> None:
         """Called once per forward, after every layer has stored its t new tokens."""
@@ -59,12 +62,15 @@ class KVCache:
     def positions(self, t: int, device: torch.device) -> torch.Tensor:
         return torch.arange(self.length, self.length + t, device=device)
 
+    def mask(self, positions: torch.Tensor) -> torch.Tensor:
+        return causal_mask(positions, self.length + len(positions))
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer in self.keys:
             k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
         self.keys[layer], self.values[layer] = k, v
-        return k, v, causal_mask(positions, k.shape[2])
+        return k, v
 
     def advance(self, t: int) -> None:
         """Nothing to do: the length is that of the stored keys."""
@@ -95,11 +101,14 @@ class StaticKVCache:
     def positions(self, t: int, device: torch.device) -> torch.Tensor:
         return self.position + torch.arange(t, device=device)
 
+    def mask(self, positions: torch.Tensor) -> torch.Tensor:
+        return causal_mask(positions, self.keys.shape[3])
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys[layer].index_copy_(2, positions, k)
         self.values[layer].index_copy_(2, positions, v)
-        return self.keys[layer], self.values[layer], causal_mask(positions, self.keys.shape[3])
+        return self.keys[layer], self.values[layer]
 
     def advance(self, t: int) -> None:
         self.position += t  # in place: a captured step advances it on every replay
@@ -119,11 +128,21 @@ class Transformer:
         x = F.embedding(ids, self.dense[f"{self.arch.embed}.weight"])
         if self.arch.positions:
             x = x + self.dense[f"{self.arch.positions}.weight"][positions]
+        step = self.step(positions, cache, x.dtype)
         for i in range(self.dims.layers):
-            x = x + self.comm.all_reduce(self.attention(i, self.norm(i, 0, x), positions, cache))
+            x = x + self.comm.all_reduce(self.attention(i, self.norm(i, 0, x), step))
             x = x + self.comm.all_reduce(self.mlp(i, self.norm(i, 1, x)))
         cache.advance(ids.shape[1])
         return self._norm(self.arch.final_norm, x) @ self.lm_head.T
+
+    def step(self, positions: torch.Tensor, cache: Cache, dtype: torch.dtype) -> Step:
+        """What every layer's attention shares in one forward, computed once (a decode step is mostly small kernels):
+        the mask, as the additive bias attention takes (0 where visible, -inf elsewhere), and the RoPE tables, both in
+        the activations' dtype."""
+        visible = cache.mask(positions)
+        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+        rope = None if self.arch is GPT_BIGCODE else rope_tables(self.config, positions, self.dims.head_dim, dtype)
+        return Step(positions, cache, bias, rope)
 
     def norm(self, i: int, which: int, x: torch.Tensor) -> torch.Tensor:
         return self._norm(layer_name(self.arch, i, self.arch.norms[which]), x)
@@ -135,8 +154,7 @@ class Transformer:
             eps = self.config.get("layer_norm_epsilon", 1e-5)
             bias = self.dense[f"{name}.bias"]
             return F.layer_norm(wide, (x.shape[-1],), weight.to(wide.dtype), bias.to(wide.dtype), eps).to(x.dtype)
-        eps = self.config.get("rms_norm_eps", 1e-6)
-        return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+        return F.rms_norm(wide, (x.shape[-1],), eps=self.config.get("rms_norm_eps", 1e-6)).to(x.dtype) * weight
 
     def linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.linears[layer_name(self.arch, i, name)](x)
@@ -146,8 +164,8 @@ class Transformer:
         fused = self.linears.get(fused_name(tuple(layer_name(self.arch, i, name) for name in names)))
         return fused(x) if fused is not None else tuple(self.linear(i, name, x) for name in names)
 
-    def attention(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        """This rank's partial o_proj output for its heads; without a cache, causal attention over `h` alone."""
+    def attention(self, i: int, h: torch.Tensor, step: Step) -> torch.Tensor:
+        """This rank's partial o_proj output for its heads (`step`: see `Transformer.step`)."""
         b, t, _ = h.shape
         d, hq, hkv = self.dims.head_dim, self.heads.q_count, self.heads.kv_count
         if len(self.arch.qkv) == 1:
@@ -155,10 +173,10 @@ class Transformer:
         else:
             q, k, v = self.linear_group(i, self.arch.qkv, h)
         q, k, v = (z.view(b, t, -1, d).transpose(1, 2) for z in (q, k, v))
-        if self.arch is not GPT_BIGCODE:
-            q, k = self.rope(q, positions), self.rope(k, positions)
-        k, v, mask = (KVCache() if cache is None else cache).update(i, k, v, positions)
-        out = attend(q, repeat_heads(k, hq // hkv), repeat_heads(v, hq // hkv), mask)
+        if step.rope is not None:
+            q, k = rotate(q, *step.rope), rotate(k, *step.rope)
+        k, v = step.cache.update(i, k, v, step.positions)
+        out = attend(q, repeat_heads(k, hq // hkv), repeat_heads(v, hq // hkv), step.bias)
         out = out.transpose(1, 2).reshape(b, t, hq * d)
         if self.masked_o_proj:  # the whole o_proj on every rank: place this rank's heads in a zero-filled input
             full = out.new_zeros(b, t, self.dims.heads * d)
@@ -175,13 +193,29 @@ class Transformer:
             inner = F.gelu(self.linear(i, self.arch.mlp_in[0], h), approximate="tanh")
         return self.linear(i, self.arch.mlp_out, inner)
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding, HF Llama convention (halves rotated, not interleaved pairs)."""
-        d = x.shape[-1]
-        angles = rope_angles(self.config, positions, d)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+@dataclass(frozen=True)
+class Step:
+    """One forward's positions, cache, attention bias [T, S] and RoPE (cos, sin) [T, head_dim] (None without RoPE)."""
+
+    positions: torch.Tensor
+    cache: Cache
+    bias: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, HF Llama convention (halves rotated, not interleaved pairs)."""
+    d = x.shape[-1]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rope_tables(config: dict, positions: torch.Tensor, head_dim: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [len(positions), head_dim] of the RoPE angles, in `dtype` (the angles in fp64, as HF's reference)."""
+    angles = rope_angles(config, positions, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rope_theta(config: dict) -> float:
@@ -211,11 +245,11 @@ def repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, times, s, d).reshape(b, h * times, s, d)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of T queries over S keys where `mask` [T, S] allows; any dtype, fp64 included."""
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~mask, float("-inf")).to(_at_least_fp32(q.dtype))
-    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of T queries over S keys, `bias` [T, S] (0 or -inf) added to the scores; any dtype, fp64 included.
+    PyTorch's fused kernel on GPUs (scores and softmax in fp32 inside it), where writing the scores, mask, softmax
+    and casts out as separate ops made them most of a decode step's kernels; its plain math on the CPU."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
