@@ -179,7 +179,7 @@ def bench_shape(shape: Shape, l2: int, gen: torch.Generator, check: bool, varian
 
 def _timed_in_rounds(timed: dict[str, tuple]) -> dict[str, float]:
     """Median over ROUNDS of each column's `graph_time_us`, the columns taking turns in every round: a slow spell of
-    the card (one capture of a row ran 20-40% slower than its neighbours, plugins/NOTES.md) then costs one round of
+    the card (a one-round run had rows 7-34% slower than the next run's, plugins/NOTES.md) then costs one round of
     every column instead of one whole row."""
     times: dict[str, list[float]] = {column: [] for column in timed}
     for _ in range(ROUNDS):

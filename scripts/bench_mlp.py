@@ -16,8 +16,8 @@ plan functions as `tpaware convert`, so the shapes and permutations are the conv
 Every quantized mode is first checked against an fp32 reference of the unsharded MLP. Timing: CUDA graphs (the
 collectives inside: the final all-reduce is `--all-reduce`, tpaware's one-shot kernel by default; the naive mode's
 AllGather is NCCL's) and eager, median over `--reps` replays, weights rotated through several copies when one copy
-would sit in L2, in `--rounds` rounds with the modes taking turns; the slowest rank's median over rounds is reported. Writes `<out>.json` and `<out>.md`; `scripts/plot_mlp.py`
-draws the PNG from the JSON.
+would sit in L2, in `--rounds` rounds with the modes taking turns; the slowest rank's median over rounds is reported.
+Writes `<out>.json` and `<out>.md`; `scripts/plot_mlp.py` draws the PNG from the JSON.
 """
 
 from __future__ import annotations
