@@ -300,3 +300,24 @@ def test_run_command_refuses_bad_input(engine):
                  ["--prompt-ids", "100000"]):
         result = runner.invoke(app, ["run", folder, *args])
         assert result.exit_code == 2, (args, result.output)
+
+
+def test_attention_of_a_cached_step_is_the_softmax_over_visible_keys():
+    """The cache's mask as `Transformer.step` turns it into a bias, and `attend` (PyTorch's fused attention), give for
+    queries at positions 3..5 of a static cache of 8 slots exactly softmax(q k^T / sqrt(d)) v over slots 0..p,
+    written out in fp64: a wrong mask polarity, a slot off by one or another scale fails it."""
+    from pipeline.runtime.model import StaticKVCache, attend, attention_bias, causal_mask
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16, dtype=torch.float64, generator=gen) for n in (3, 8, 8))
+    cache = StaticKVCache(layers=1, batch=2, kv_heads=4, max_len=8, head_dim=16, dtype=torch.float64)
+    cache.advance(3)
+    positions = cache.positions(3, torch.device("cpu"))
+    visible = cache.mask(positions)
+    assert visible.tolist() == causal_mask(torch.tensor([3, 4, 5]), 8).tolist()
+    bias = attention_bias(visible, torch.float64)
+    expected = torch.empty_like(q)
+    for t, p in enumerate(range(3, 6)):
+        scores = q[:, :, t : t + 1] @ k[:, :, : p + 1].transpose(-1, -2) / 4.0  # [2, 4, 1, p + 1]; sqrt(16) = 4
+        expected[:, :, t : t + 1] = torch.softmax(scores, dim=-1) @ v[:, :, : p + 1]
+    assert torch.allclose(attend(q, k, v, bias), expected, atol=1e-12)

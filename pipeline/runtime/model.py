@@ -139,10 +139,8 @@ class Transformer:
         """What every layer's attention shares in one forward, computed once (a decode step is mostly small kernels):
         the mask, as the additive bias attention takes (0 where visible, -inf elsewhere), and the RoPE tables, both in
         the activations' dtype."""
-        visible = cache.mask(positions)
-        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
         rope = None if self.arch is GPT_BIGCODE else rope_tables(self.config, positions, self.dims.head_dim, dtype)
-        return Step(positions, cache, bias, rope)
+        return Step(positions, cache, attention_bias(cache.mask(positions), dtype), rope)
 
     def norm(self, i: int, which: int, x: torch.Tensor) -> torch.Tensor:
         return self._norm(layer_name(self.arch, i, self.arch.norms[which]), x)
@@ -236,6 +234,11 @@ def rope_angles(config: dict, positions: torch.Tensor, head_dim: int) -> torch.T
 def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
     """[T, length] bool: cache slot j holds position j, visible to the query at position p when j <= p."""
     return torch.arange(length, device=positions.device)[None, :] <= positions[:, None]
+
+
+def attention_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form of a [T, S] mask that `attend` takes: 0 where visible, -inf elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
 
 
 def repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
