@@ -37,7 +37,7 @@ from bench_mlp import slowest  # noqa: E402
 from pipeline.arch import LLAMA, Dims, layer_name  # noqa: E402
 from pipeline.gptq.layer import QuantLinear, dequantize  # noqa: E402
 from pipeline.plan import Plan, column_layer, local_sort_row_layer, plan_model  # noqa: E402
-from pipeline.runtime.comm import DistComm  # noqa: E402
+from pipeline.runtime.comm import DistComm, one_shot_all_reduce_allowed  # noqa: E402
 from pipeline.runtime.linear import GatheredLinear, Linear, quant_linear  # noqa: E402
 from pipeline.runtime.model import KVCache, LinearFn, StaticKVCache, Transformer  # noqa: E402
 from pipeline.runtime.reshard import RankLayer  # noqa: E402
@@ -280,8 +280,7 @@ def main() -> None:
         (torch.float16, 2e-2, 1e-2) if args.device == "cuda" else (torch.float32, 1e-4, 1e-5))
     def save(rows: list[dict]) -> None:
         env = {**environment(), "autotune": os.environ.get("TPAWARE_AUTOTUNE"),
-               "all_reduce": ALL_REDUCE_TEXT["peer" if os.environ.get("TPAWARE_ALL_REDUCE", "peer") == "peer"
-                                             else "nccl"],
+               "all_reduce": ALL_REDUCE_TEXT["peer" if one_shot_all_reduce_allowed() else "nccl"],
                "args": {k: getattr(args, k) for k in SETTINGS}}
         write_results(args.out, env, rows)
 

@@ -27,6 +27,7 @@ from pipeline.runtime.generate import Generation, greedy
 from pipeline.runtime.launch import RankSetup, run_ranks
 from pipeline.runtime.linear import Linear, kernel_linear
 from pipeline.runtime.loader import load_rank_model
+from pipeline.runtime.model import StaticKVCache, attend, attention_bias, causal_mask
 from pipeline.runtime.reshard import MODES, original_layers, rank_layers
 from pipeline.shard import convert
 from pipeline.validate import hf_reference, reference_logits, reference_tokens
@@ -306,8 +307,6 @@ def test_attention_of_a_cached_step_is_the_softmax_over_visible_keys():
     """The cache's mask as `Transformer.step` turns it into a bias, and `attend` (PyTorch's fused attention), give for
     queries at positions 3..5 of a static cache of 8 slots exactly softmax(q k^T / sqrt(d)) v over slots 0..p,
     written out in fp64: a wrong mask polarity, a slot off by one or another scale fails it."""
-    from pipeline.runtime.model import StaticKVCache, attend, attention_bias, causal_mask
-
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, n, 16, dtype=torch.float64, generator=gen) for n in (3, 8, 8))
     cache = StaticKVCache(layers=1, batch=2, kv_heads=4, max_len=8, head_dim=16, dtype=torch.float64)

@@ -39,6 +39,12 @@ class Comm:
         raise NotImplementedError
 
 
+def one_shot_all_reduce_allowed() -> bool:
+    """Whether `DistComm` may run the one-shot kernel (where the GPUs map each other's memory): unless
+    TPAWARE_ALL_REDUCE=nccl."""
+    return os.environ.get("TPAWARE_ALL_REDUCE", "peer") == "peer"
+
+
 class DistComm(Comm):
     def __init__(self, group=None):
         import torch.distributed as dist
@@ -53,7 +59,7 @@ class DistComm(Comm):
         if not self._peer_checked:
             self._peer_checked = True
             world = range(self.world_size)  # rank r runs on cuda:r (pipeline.runtime.launch)
-            if os.environ.get("TPAWARE_ALL_REDUCE", "peer") == "peer" and all(
+            if one_shot_all_reduce_allowed() and all(
                     torch.cuda.can_device_access_peer(a, b) for a in world for b in world if a != b):
                 from plugins.allreduce import PeerAllReduce
 
