@@ -39,6 +39,7 @@ from pipeline.gptq.layer import QuantLinear, dequantize  # noqa: E402
 from pipeline.plan import Plan, column_layer, local_sort_row_layer, plan_model  # noqa: E402
 from pipeline.runtime.comm import DistComm, one_shot_all_reduce_allowed  # noqa: E402
 from pipeline.runtime.linear import GatheredLinear, Linear, quant_linear  # noqa: E402
+from pipeline.runtime.loader import build_linears  # noqa: E402
 from pipeline.runtime.model import KVCache, LinearFn, StaticKVCache, Transformer  # noqa: E402
 from pipeline.runtime.reshard import RankLayer  # noqa: E402
 from pipeline.shard import layer_shard  # noqa: E402
@@ -131,9 +132,9 @@ def build_models(args: argparse.Namespace, comm: DistComm, device: torch.device)
                       {n: args.group_size for n in full}, comm.world_size)
     dense = {k: v.to(args.dtype) for k, v in dense.items()}
     models = {}
-    for mode in MODES:
-        linears = {name: to_linear(spec, mode, comm, args.dtype, device)
-                   for name, spec in rank_specs(full, plan, dims, comm.rank, mode).items()}
+    for mode in MODES:  # q/k/v and gate/up fused as the runtime's loader fuses them
+        linears = build_linears(rank_specs(full, plan, dims, comm.rank, mode), LLAMA, dims,
+                                lambda spec, mode=mode: to_linear(spec, mode, comm, args.dtype, device))
         models[mode] = Transformer(LLAMA, dims, hf_config("llama", dims), plan.heads[comm.rank], dense, linears, comm)
     return models
 

@@ -3,10 +3,13 @@ and `tpaware bench decode --device cpu` runs every mode through it and checks th
 
 from __future__ import annotations
 
+import argparse
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -45,3 +48,21 @@ def test_bench_decode_cpu_check_runs_every_mode_at_tp2(capfd):
     assert {(b, mode) for b, mode, _, _ in errors} == {
         (b, mode) for b in ("1", "3") for mode in ("tpaware", "naive", "local-sort", "dense")}
     assert all(float(static) < 1e-5 and float(modes) < 1e-4 for _, _, static, modes in errors)
+
+
+def test_the_benchmark_runs_q_k_v_and_gate_up_fused_as_the_runtime_does(tmp_path, monkeypatch):
+    """It times what the loader builds: one matmul for q/k/v and one for gate/up in every layer, in every mode."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_decode
+
+    args = argparse.Namespace(shape=[64, 128], layers=2, heads=4, kv_heads=2, vocab=32, group_size=32, seed=0,
+                              dtype=torch.float32)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        models = bench_decode.build_models(args, bench_decode.GraphComm(), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert set(models) == set(bench_decode.MODES)
+    for mode, model in models.items():
+        fused = sorted(name for name in model.linears if "+" in name)
+        assert len(fused) == 2 * args.layers, (mode, fused)

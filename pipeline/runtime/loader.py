@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +30,19 @@ def load_rank_model(folder: Path, comm: Comm, dtype: torch.dtype = torch.float32
     tensors = read_rank(folder, comm.rank)
     arch, dims = ARCHES[manifest["arch"]], Dims(**manifest["dims"])
     specs = rank_layers(folder, manifest, tensors, comm.rank, mode)
+    linears = build_linears(specs, arch, dims, lambda spec: _linear(spec, comm, dtype, device, kernel))
+    quant_names = quant_tensor_names(manifest)
+    dense = {k: v.to(device, dtype) for k, v in tensors.items() if k not in quant_names}
+    return Transformer(arch, dims, manifest["config"], RankHeads(**manifest["heads"][comm.rank]), dense, linears,
+                       comm, masked_o_proj=manifest["attn_policy"] == "masked")
+
+
+def build_linears(specs: dict[str, RankLayer], arch: Arch, dims: Dims, make: Callable[[RankLayer], LinearFn]
+                  ) -> dict[str, LinearFn | SplitFn]:
+    """Every layer's matmul made by `make`, the layers that read the same input (q/k/v, gate/up) fused into one where
+    they can be: one launch and one input gather instead of three or two, and the small k/v shards ride along with q.
+    Fused layers are stored under `fused_name` and return one output per member."""
+    specs = dict(specs)
     linears: dict[str, LinearFn | SplitFn] = {}
     for group in _same_input_groups(arch, dims):
         members = [specs[name] for name in group]
@@ -36,13 +50,9 @@ def load_rank_model(folder: Path, comm: Comm, dtype: torch.dtype = torch.float32
             for name in group:
                 del specs[name]
             fused = RankLayer(side_by_side([m.layer for m in members]), members[0].in_perm, members[0].gather)
-            linears[fused_name(group)] = SplitLinear(_linear(fused, comm, dtype, device, kernel),
-                                                     [m.layer.out_features for m in members])
-    linears.update({name: _linear(spec, comm, dtype, device, kernel) for name, spec in specs.items()})
-    quant_names = quant_tensor_names(manifest)
-    dense = {k: v.to(device, dtype) for k, v in tensors.items() if k not in quant_names}
-    return Transformer(arch, dims, manifest["config"], RankHeads(**manifest["heads"][comm.rank]), dense, linears,
-                       comm, masked_o_proj=manifest["attn_policy"] == "masked")
+            linears[fused_name(group)] = SplitLinear(make(fused), [m.layer.out_features for m in members])
+    linears.update({name: make(spec) for name, spec in specs.items()})
+    return linears
 
 
 def _same_input_groups(arch: Arch, dims: Dims) -> list[tuple[str, ...]]:
