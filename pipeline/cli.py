@@ -120,7 +120,8 @@ def synth(
     console.print(f"wrote [bold]{out}[/]: {arch} {dims}")
 
 
-_KERNEL_HELP = "On CUDA, quantized matmuls use the W4A16 kernel (plugins); --no-kernel: dequantize + matmul."
+_KERNEL_HELP = ("On CUDA, quantized matmuls use the W4A16 kernel and RMSNorm/RoPE fused kernels (plugins); --no-kernel: "
+                "dequantize + matmul and PyTorch's ops.")
 _MODE_HELP = ("tpaware (no gathers of activations), naive (AllGather the MLP intermediate, reorder, take the local "
               "chunk) or local-sort (down rows in checkpoint order, sorted per rank).")
 

@@ -22,7 +22,8 @@ def load_rank_model(folder: Path, comm: Comm, dtype: torch.dtype = torch.float32
                     device: torch.device | str = "cpu", mode: str = "tpaware", kernel: bool = True) -> Transformer:
     """Rank `comm.rank`'s share of the model in `folder`, run as `mode` (see `pipeline.runtime.reshard`).
 
-    Weights go to `dtype` on `device`; on CUDA the quantized matmuls use the W4A16 kernel unless `kernel` is False.
+    Weights go to `dtype` on `device`; on CUDA the quantized matmuls use the W4A16 kernel, and RMSNorm and RoPE the
+    fused kernels, unless `kernel` is False.
     """
     manifest = read_manifest(folder)
     if manifest["tp"] != comm.world_size:
@@ -34,7 +35,7 @@ def load_rank_model(folder: Path, comm: Comm, dtype: torch.dtype = torch.float32
     quant_names = quant_tensor_names(manifest)
     dense = {k: v.to(device, dtype) for k, v in tensors.items() if k not in quant_names}
     return Transformer(arch, dims, manifest["config"], RankHeads(**manifest["heads"][comm.rank]), dense, linears,
-                       comm, masked_o_proj=manifest["attn_policy"] == "masked")
+                       comm, masked_o_proj=manifest["attn_policy"] == "masked", kernels=kernel)
 
 
 def build_linears(specs: dict[str, RankLayer], arch: Arch, dims: Dims, make: Callable[[RankLayer], LinearFn]

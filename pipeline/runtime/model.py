@@ -116,9 +116,13 @@ class StaticKVCache:
 
 class Transformer:
     def __init__(self, arch: Arch, dims: Dims, config: dict, heads: RankHeads, dense: dict[str, torch.Tensor],
-                 linears: dict[str, LinearFn | SplitFn], comm: Comm, masked_o_proj: bool = False):
+                 linears: dict[str, LinearFn | SplitFn], comm: Comm, masked_o_proj: bool = False,
+                 kernels: bool = True):
+        """`kernels`: RMSNorm and RoPE of fp16/bf16 activations on a GPU as one Triton kernel each (`plugins.fused`,
+        where Triton imports); False keeps PyTorch's ops everywhere."""
         self.arch, self.dims, self.config, self.heads = arch, dims, config, heads
         self.dense, self.linears, self.comm, self.masked_o_proj = dense, linears, comm, masked_o_proj
+        self.fused = fused_kernels() if kernels else None
         self.lm_head = dense.get(f"{arch.lm_head}.weight", dense[f"{arch.embed}.weight"])  # tied embeddings
 
     def __call__(self, ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
@@ -142,12 +146,19 @@ class Transformer:
         rope = None if self.arch is GPT_BIGCODE else rope_tables(self.config, positions, self.dims.head_dim, dtype)
         return Step(positions, cache, attention_bias(cache.mask(positions), dtype), rope)
 
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """Whether `x` goes through the fused kernels: a GPU tensor in fp16/bf16, with the kernels on."""
+        return self.fused is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
     def norm(self, i: int, which: int, x: torch.Tensor) -> torch.Tensor:
         return self._norm(layer_name(self.arch, i, self.arch.norms[which]), x)
 
     def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm or RMSNorm, computed in at least fp32 (as HF does): a squared fp16 activation overflows."""
-        weight, wide = self.dense[f"{name}.weight"], x.to(_at_least_fp32(x.dtype))
+        weight = self.dense[f"{name}.weight"]
+        if self.arch is not GPT_BIGCODE and self._fuses(x):
+            return self.fused.rms_norm(x, weight, self.config.get("rms_norm_eps", 1e-6))
+        wide = x.to(_at_least_fp32(x.dtype))
         if self.arch is GPT_BIGCODE:
             eps = self.config.get("layer_norm_epsilon", 1e-5)
             bias = self.dense[f"{name}.bias"]
@@ -172,7 +183,8 @@ class Transformer:
             q, k, v = self.linear_group(i, self.arch.qkv, h)
         q, k, v = (z.view(b, t, -1, d).transpose(1, 2) for z in (q, k, v))
         if step.rope is not None:
-            q, k = rotate(q, *step.rope), rotate(k, *step.rope)
+            rope = self.fused.rope if self._fuses(q) else rotate
+            q, k = rope(q, *step.rope), rope(k, *step.rope)
         k, v = step.cache.update(i, k, v, step.positions)
         out = attend(q, repeat_heads(k, hq // hkv), repeat_heads(v, hq // hkv), step.bias)
         out = out.transpose(1, 2).reshape(b, t, hq * d)
@@ -253,6 +265,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     PyTorch's fused kernel on GPUs (scores and softmax in fp32 inside it), where writing the scores, mask, softmax
     and casts out as separate ops made them most of a decode step's kernels; its plain math on the CPU."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def fused_kernels():
+    """`plugins.fused` (RMSNorm and RoPE kernels), or None where Triton or the plugin package is absent."""
+    try:
+        from plugins import fused
+    except ImportError:
+        return None
+    return fused
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,81 @@
+"""RMSNorm and rotary embedding as one Triton kernel each, for the decode step's glue around the GEMMs.
+
+At batch 1 a decode step is mostly small kernels: a 2-layer Llama-70B-shaped step at tp=1 on H100 launched 109, of
+which 14 were GEMMs (plugins/NOTES.md).  PyTorch runs an fp16 RMSNorm as five (to fp32, the norm, back to fp16, times
+the weight) and a rotary embedding of a strided q or k as five more (two products, a negation, a concatenation, a sum),
+each a launch and a pass over memory.  Here each is one pass: read once, compute in fp32, write once.
+
+Numerics: `rms_norm` rounds where PyTorch's sequence does (the normalised row to the activations' dtype, then the
+product with the weight), so it matches it up to the last bit of an fp32 reciprocal square root; `rope` computes
+x cos + rotate_half(x) sin in fp32 and rounds once (PyTorch's fp16 ops round three times), so it is the more exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROPE_HEADS = 8  # heads per `_rope_kernel` program
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, H, stride_x, stride_o, eps, BLOCK: tl.constexpr):
+    """Row `program_id` of out = (x / rms(x)) rounded to x's dtype, times w (rounded again)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+    normed = (x * scale).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension of `x` (any leading shape), into `out` (contiguous, x's shape) if given."""
+    h = x.shape[-1]
+    rows = x.reshape(-1, h)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    block = triton.next_power_of_2(h)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, h, rows.stride(0), h, eps, BLOCK=block,
+                                       num_warps=max(1, min(16, block // 512)))
+    return out
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, HEADS, T, sx_b, sx_h, sx_t, sx_d,
+                 D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rows (b, heads h0..h0+BLOCK_H-1, t) of out [B, HEADS, T, D] (contiguous) = x cos + rotate_half(x) sin, where
+    rotate_half(x) = (-x[D/2:], x[:D/2]) (the HF Llama convention: halves, not interleaved pairs)."""
+    bt = tl.program_id(0)
+    b, t = bt // T, bt % T
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, D)
+    partner = (d + D // 2) % D
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    mask = (heads < HEADS)[:, None]
+    row = x_ptr + b * sx_b + heads[:, None] * sx_h + t * sx_t
+    x = tl.load(row + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(row + partner[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + t * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + t * D + d).to(tl.float32)
+    out = x * cos[None, :] + sign[None, :] * x_partner * sin[None, :]
+    offs = ((b * HEADS + heads[:, None]) * T + t) * D + d[None, :]
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary embedding of x [B, heads, T, D] (any strides, e.g. a view of the fused q/k/v output) with cos and sin
+    [T, D], into `out` (contiguous, x's shape) if given, else a new tensor.  D must be a power of two (64, 128, ...)."""
+    b, heads, t, d = x.shape
+    if d & (d - 1) or cos.shape != (t, d) or sin.shape != (t, d):
+        raise ValueError(f"rope takes x [B, H, T, D] with D a power of two and cos/sin [T, D], got {tuple(x.shape)}, "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")
+    out = torch.empty((b, heads, t, d), dtype=x.dtype, device=x.device) if out is None else out
+    grid = (b * t, triton.cdiv(heads, ROPE_HEADS))
+    _rope_kernel[grid](x, cos.contiguous(), sin.contiguous(), out, heads, t, *x.stride(), D=d, BLOCK_H=ROPE_HEADS,
+                       num_warps=4)
+    return out

@@ -1,0 +1,106 @@
+"""The fused RMSNorm and RoPE kernels (`plugins.fused`) against the PyTorch ops they replace, and the model with them.
+
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py).  Outputs are poisoned with NaN first, inputs
+are fresh random draws, and the references are computed in fp64 and rounded once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.runtime.comm import ThreadGroup
+from pipeline.runtime.loader import load_rank_model
+from pipeline.runtime.model import Transformer, rotate
+from pipeline.shard import convert
+
+fused = pytest.importorskip("plugins.fused")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16]
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # relative spacing of the dtype's numbers near 1
+
+
+def _poisoned(shape, dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def _within_ulps(got: torch.Tensor, want64: torch.Tensor, dtype: torch.dtype, ulps: float) -> None:
+    """Every element within `ulps` units in the last place (relative to its size, floored at the tensor's scale)."""
+    assert not got.isnan().any(), "an output element was never written"
+    err = (got.double().cpu() - want64).abs()
+    bound = ulps * ULP[dtype] * want64.abs().clamp_min(want64.abs().mean())
+    assert (err <= bound).all(), f"max error {err.max():.3g}, where the bound is {bound[err > bound][0]:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1, 200), (2, 5, 256)])
+def test_rms_norm_matches_fp64_rounded_where_pytorch_rounds(dtype, shape):
+    """Widths that are and are not a power of two (masked tail); rows read with a stride wider than the row."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    h = shape[-1]
+    wide = torch.randn(*shape[:-1], h + 24, generator=gen).to(dtype)
+    x = wide[..., :h]  # rows h + 24 apart
+    weight = (1 + 0.1 * torch.randn(h, generator=gen)).to(dtype)
+    eps = 1e-5
+    x64 = x.double()
+    normed = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)  # rounded here, as HF does
+    want = normed.double() * weight.double()
+    out = _poisoned(shape, dtype)
+    got = fused.rms_norm(x.to(DEVICE), weight.to(DEVICE), eps, out=out)
+    assert got is out
+    _within_ulps(got, want, dtype, ulps=2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,heads,t", [(1, 10, 1), (2, 3, 5)])
+def test_rope_of_a_strided_view_matches_fp64(dtype, batch, heads, t):
+    """q as the model gets it: a transposed view of the fused q/k/v output, heads not a multiple of the kernel's
+    head block; cos/sin from real RoPE angles at scattered positions."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    d, kv = 64, 2
+    qkv = torch.randn(batch, t, (heads + 2 * kv) * d, generator=gen).to(dtype)
+    q = qkv[..., : heads * d].view(batch, t, heads, d).transpose(1, 2)
+    positions = torch.randint(0, 4096, (t,), generator=gen).double()
+    angles = positions[:, None] / 10000.0 ** (torch.arange(0, d, 2).double() / d)[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    want = rotate(q.double(), cos.double(), sin.double())
+    out = _poisoned((batch, heads, t, d), dtype)
+    got = fused.rope(q.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), out=out)
+    assert got is out
+    _within_ulps(got, want, dtype, ulps=1.0)
+
+
+def test_rope_refuses_a_head_size_that_is_not_a_power_of_two():
+    x = torch.zeros(1, 2, 1, 96, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="power of two"):
+        fused.rope(x, x[0, 0], x[0, 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_with_fused_kernels_gives_pytorchs_logits(dtype, tiny_checkpoint, tmp_path, monkeypatch):
+    """The tiny Llama at tp=1, prefill then a decode step: every norm and both rotations through the kernels
+    (forced on the CPU, where the model would keep PyTorch's ops) against the model without them."""
+    convert(tiny_checkpoint("llama"), 1, tmp_path / "engine")
+    comm = ThreadGroup(1).comm(0)
+    with_kernels = load_rank_model(tmp_path / "engine", comm, dtype, DEVICE)
+    without = load_rank_model(tmp_path / "engine", comm, dtype, DEVICE, kernel=False)
+    assert with_kernels.fused is not None and without.fused is None
+    calls = {"rms_norm": 0, "rope": 0}
+
+    def counted(name):
+        real = getattr(fused, name)
+
+        def call(*args):
+            calls[name] += 1
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(Transformer, "_fuses", lambda self, x: self.fused is not None and x.dtype == dtype)
+    for name in calls:
+        monkeypatch.setattr(fused, name, counted(name))
+    ids = torch.randint(0, with_kernels.lm_head.shape[0], (2, 6), generator=torch.Generator().manual_seed(0))
+    got, want = with_kernels(ids.to(DEVICE)).double(), without(ids.to(DEVICE)).double()
+    layers = with_kernels.dims.layers
+    assert calls == {"rms_norm": 2 * layers + 1, "rope": 2 * layers}
+    assert ((got - want).norm() / want.norm()).item() < 4 * ULP[dtype]
