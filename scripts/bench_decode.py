@@ -38,6 +38,7 @@ from pipeline.arch import LLAMA, Dims, layer_name  # noqa: E402
 from pipeline.gptq.layer import QuantLinear, dequantize  # noqa: E402
 from pipeline.plan import Plan, column_layer, local_sort_row_layer, plan_model  # noqa: E402
 from pipeline.runtime.comm import DistComm, one_shot_all_reduce_allowed  # noqa: E402
+from pipeline.runtime.generate import DecodeGraph, warm_up  # noqa: E402
 from pipeline.runtime.linear import GatheredLinear, Linear, quant_linear  # noqa: E402
 from pipeline.runtime.loader import build_linears  # noqa: E402
 from pipeline.runtime.model import KVCache, LinearFn, StaticKVCache, Transformer  # noqa: E402
@@ -48,18 +49,6 @@ from pipeline.synth import act_order_g_idx, hf_config  # noqa: E402
 MODES = ("tpaware", "naive", "local-sort", "dense")
 WARMUP_STEPS = 3
 SETTINGS = ("layers", "shape", "heads", "kv_heads", "vocab", "prompt", "group_size", "reps", "seed")  # in the results
-
-
-class GraphComm(DistComm):
-    """DistComm whose AllGather is one `all_gather_into_tensor` into one buffer: the form the MLP benchmark already
-    captures in CUDA graphs (DistComm's list form was never tried inside a capture)."""
-
-    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        rows = t.reshape(-1, t.shape[-1]).contiguous()
-        parts = rows.new_empty(self.world_size * rows.shape[0], rows.shape[1])
-        dist.all_gather_into_tensor(parts, rows)
-        gathered = parts.view(self.world_size, *rows.shape).permute(1, 0, 2)
-        return gathered.reshape(*t.shape[:-1], self.world_size * t.shape[-1])
 
 
 def random_llama(dims: Dims, group_size: int, seed: int, device: torch.device
@@ -158,12 +147,8 @@ def decode_row(model: Transformer, mode: str, batch: int, args: argparse.Namespa
     start = cache.position.clone()
     cuda = device.type == "cuda"
     if cuda:  # compile and tune every kernel, and set the collectives up outside the capture, off the capture stream
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_STEPS):
-                model(token, cache)
-        torch.cuda.current_stream().wait_stream(stream)
+        for _ in range(WARMUP_STEPS):
+            warm_up(model, token, cache)
         cache.position.copy_(start)
     eager = model(token, cache)
     row = {"mode": mode, "batch": batch, "static_vs_growing_rel_err": rel_err(eager, reference, device)}
@@ -171,21 +156,19 @@ def decode_row(model: Transformer, mode: str, batch: int, args: argparse.Namespa
     if not cuda:
         return row, eager
     cache.position.copy_(start)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = model(token, cache)
-    graph.replay()
+    graph = DecodeGraph(model, cache, token)
+    replayed = graph(token)
     row["graph_vs_eager_rel_err"] = rel_err(replayed, eager, device)
     row["graph_bitwise_equal"] = bool(slowest(float(not torch.equal(replayed, eager)), device) == 0)
     assert row["graph_vs_eager_rel_err"] < args.same_tolerance, row
     torch.cuda.synchronize()
-    row["graph_us"] = slowest(median_us(lambda i: graph.replay(), args.reps), device)
+    row["graph_us"] = slowest(median_us(lambda i: graph.graph.replay(), args.reps), device)
     return row, eager
 
 
 def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str) -> None:
     device = init_rank(rank, tp, args.device, port)
-    models = build_models(args, GraphComm(), device)
+    models = build_models(args, DistComm(), device)
     rows = []
     with torch.inference_mode():
         for batch in args.batch:

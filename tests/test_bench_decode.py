@@ -59,7 +59,7 @@ def test_the_benchmark_runs_q_k_v_and_gate_up_fused_as_the_runtime_does(tmp_path
                               dtype=torch.float32)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        models = bench_decode.build_models(args, bench_decode.GraphComm(), torch.device("cpu"))
+        models = bench_decode.build_models(args, bench_decode.DistComm(), torch.device("cpu"))
     finally:
         dist.destroy_process_group()
     assert set(models) == set(bench_decode.MODES)

@@ -320,3 +320,29 @@ def test_attention_of_a_cached_step_is_the_softmax_over_visible_keys():
         scores = q[:, :, t : t + 1] @ k[:, :, : p + 1].transpose(-1, -2) / 4.0  # [2, 4, 1, p + 1]; sqrt(16) = 4
         expected[:, :, t : t + 1] = torch.softmax(scores, dim=-1) @ v[:, :, : p + 1]
     assert torch.allclose(attend(q, k, v, bias), expected, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("model_type", ["llama", "gpt_bigcode"])
+def test_greedy_on_a_gpu_replays_one_graph_and_decodes_as_eager_steps_do(model_type, tiny_checkpoint, tmp_path,
+                                                                       monkeypatch):
+    """fp16, batch 2: the same tokens as the eager growing-cache loop, logits within fp16 noise (the static cache sums
+    over masked slots too), one forward's collectives per decode step, and every step after the first a replay."""
+    import pipeline.runtime.generate as generate
+
+    convert(tiny_checkpoint(model_type), 1, tmp_path / "engine")
+    model = load_rank_model(tmp_path / "engine", ThreadGroup(1).comm(0), torch.float16, "cuda")
+    ids = torch.randint(0, model.lm_head.shape[0], (2, 5), generator=torch.Generator().manual_seed(0)).cuda()
+    eager = greedy(model, ids, 7, graphs=False)
+    eager_counts = dict(model.comm.counts)
+    model.comm.counts.clear()
+    replays = []
+    call = generate.DecodeGraph.__call__
+    monkeypatch.setattr(generate.DecodeGraph, "__call__", lambda self, t: replays.append(1) or call(self, t))
+    graphed = greedy(model, ids, 7)
+    assert len(replays) == 7 - 2  # the first decode step runs eagerly (the capture's warm-up)
+    assert torch.equal(graphed.tokens, eager.tokens)
+    assert graphed.logits.shape == eager.logits.shape
+    err = (graphed.logits.double() - eager.logits.double()).norm() / eager.logits.double().norm()
+    assert err < 5e-3, err
+    assert dict(model.comm.counts) == eager_counts

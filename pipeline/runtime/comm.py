@@ -75,6 +75,12 @@ class DistComm(Comm):
         return t
 
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_cuda:  # one NCCL call into one buffer: the form that CUDA graphs capture
+            rows = t.reshape(-1, t.shape[-1]).contiguous()
+            parts = rows.new_empty(self.world_size * rows.shape[0], rows.shape[1])
+            self._dist.all_gather_into_tensor(parts, rows, group=self._group)
+            gathered = parts.view(self.world_size, *rows.shape).permute(1, 0, 2)
+            return gathered.reshape(*t.shape[:-1], self.world_size * t.shape[-1])
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
         self._dist.all_gather(parts, t.contiguous(), group=self._group)
         return torch.cat(parts, dim=-1)

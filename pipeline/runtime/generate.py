@@ -1,14 +1,16 @@
-"""Greedy generation with the KV cache: the new tokens, and the logits that chose them."""
+"""Greedy generation with the KV cache: the new tokens, and the logits that chose them; on GPUs the decode steps
+replay a CUDA graph."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import InputError
-from pipeline.runtime.model import KVCache, Transformer
+from pipeline.runtime.model import Cache, KVCache, StaticKVCache, Transformer
 
 
 @dataclass(frozen=True)
@@ -17,23 +19,75 @@ class Generation:
     logits: torch.Tensor  # [B, T + n - 1, vocab] logits of prompt + tokens[:, :-1], position by position
 
 
+class DecodeGraph:
+    """One decode step of `model` (one token per sequence) captured in a CUDA graph over a static KV cache.
+
+    A decode step is some 30 small kernels per layer; replayed from a graph they run back to back instead of each
+    waiting for Python and a launch.  Capture only records: run one eager step of the same shape first (it compiles
+    and tunes the kernels and sets up the collectives' buffers, none of which may happen inside a capture).  Each call
+    copies `tokens` in, replays, and returns the step's logits [B, 1, vocab] (the same tensor every time: clone what
+    is kept).  Collectives inside the graph are counted again on every replay, as an eager step would count them.
+    """
+
+    def __init__(self, model: Transformer, cache: StaticKVCache, tokens: torch.Tensor):
+        self.comm, self.tokens = model.comm, tokens.clone()
+        before = Counter(self.comm.counts)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, cache)
+        self.collectives = self.comm.counts - before
+        self.comm.counts.clear()  # recorded, not run: a replay counts them
+        self.comm.counts.update(before)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        self.comm.counts.update(self.collectives)
+        return self.logits
+
+
+def warm_up(model: Transformer, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """One eager decode step on a side stream (what PyTorch asks before a capture), the caller's stream waiting."""
+    side = torch.cuda.Stream(tokens.device)
+    side.wait_stream(torch.cuda.current_stream(tokens.device))
+    with torch.cuda.stream(side):
+        logits = model(tokens, cache)
+    torch.cuda.current_stream(tokens.device).wait_stream(side)
+    return logits
+
+
 @torch.inference_mode()
-def greedy(model: Transformer, ids: torch.Tensor, max_tokens: int) -> Generation:
+def greedy(model: Transformer, ids: torch.Tensor, max_tokens: int, graphs: bool = True) -> Generation:
     """Prefill `ids` [B, T], then decode `max_tokens` tokens one at a time, always taking the top logit.
 
-    The logits are returned in the input's order so that one teacher-forced forward of prompt + tokens[:, :-1] by any
-    other implementation lines up with them position by position, the KV-cache steps included.
+    On a GPU (`graphs`, a plain `Transformer`) the cache is static and every decode step after the first replays one
+    CUDA graph; elsewhere the cache grows and every step runs eagerly.  The logits are returned in the input's order so
+    that one teacher-forced forward of prompt + tokens[:, :-1] by any other implementation lines up with them position
+    by position, the KV-cache steps included.
     """
     if max_tokens < 1:
         raise ValueError("max_tokens must be at least 1")
-    cache = KVCache()
+    use_graph = graphs and ids.is_cuda and isinstance(model, Transformer) and max_tokens > 2
+    if use_graph:
+        cache = StaticKVCache.for_model(model, ids.shape[0], ids.shape[1] + max_tokens, model.lm_head.dtype,
+                                        ids.device)
+    else:
+        cache = KVCache()
     step = model(ids, cache)
     logits, tokens = [step], []
+    graph = None
     for i in range(max_tokens):
         tokens.append(step[:, -1].argmax(-1, keepdim=True))
-        if i + 1 < max_tokens:
+        if i + 1 == max_tokens:
+            break
+        if not use_graph:
             step = model(tokens[-1], cache)
-            logits.append(step)
+        elif i == 0:
+            step = warm_up(model, tokens[-1], cache)
+        else:
+            graph = graph or DecodeGraph(model, cache, tokens[-1])
+            step = graph(tokens[-1]).clone()
+        logits.append(step)
     return Generation(torch.cat(tokens, dim=1), torch.cat(logits, dim=1))
 
 
