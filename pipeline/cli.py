@@ -153,8 +153,10 @@ def run(
     gen, counts = _run(generate, setup, ids, max_tokens, timeout)
     for row in gen.tokens.tolist():
         console.print(repr(tok.decode(row)) if tok else " ".join(map(str, row)), highlight=False)
+    per_token = "" if gen.step_seconds is None else f", {gen.step_seconds * 1e3:.2f} ms per decode step"
     console.print(f"tp={manifest['tp']} mode={mode} device={device}: {max_tokens} tokens in "
-                  f"{time.perf_counter() - start:.1f} s (with start-up); collectives on rank 0: {dict(counts[0])}")
+                  f"{time.perf_counter() - start:.1f} s (with start-up){per_token}; collectives on rank 0: "
+                  f"{dict(counts[0])}")
 
 
 @app.command()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -288,10 +289,13 @@ def test_run_command_generates_the_reference_tokens(tiny_checkpoint, engine):
     ref = reference_model(read_checkpoint(tiny_checkpoint("llama", group_size=32)))
     ids = prompt(ref.dims.vocab)[:1]
     result = CliRunner().invoke(app, ["run", str(folder), "--prompt-ids", ",".join(map(str, ids[0].tolist())),
-                                      "--max-tokens", "3", "--mode", "naive"])
+                                      "--max-tokens", "4", "--mode", "naive"])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0].split() == [str(t) for t in greedy(ref, ids, 3).tokens[0].tolist()]
-    assert "'all_gather': 6" in result.output  # naive: one per layer (2) per forward (3)
+    assert result.output.splitlines()[0].split() == [str(t) for t in greedy(ref, ids, 4).tokens[0].tolist()]
+    assert "'all_gather': 8" in result.output  # naive: one per layer (2) per forward (4)
+    words = " ".join(result.output.split())  # rich wraps long lines
+    step_ms = float(re.search(r", ([0-9.]+) ms per decode step;", words).group(1))  # the 4th token's step
+    assert step_ms > 0
 
 
 def test_run_command_refuses_bad_input(engine):
@@ -346,3 +350,4 @@ def test_greedy_on_a_gpu_replays_one_graph_and_decodes_as_eager_steps_do(model_t
     err = (graphed.logits.double() - eager.logits.double()).norm() / eager.logits.double().norm()
     assert err < 5e-3, err
     assert dict(model.comm.counts) == eager_counts
+    assert graphed.step_seconds > 0 and eager.step_seconds > 0

@@ -3,6 +3,7 @@ replay a CUDA graph."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pipeline.runtime.model import Cache, KVCache, StaticKVCache, Transformer
 class Generation:
     tokens: torch.Tensor  # [B, n] the greedy continuation
     logits: torch.Tensor  # [B, T + n - 1, vocab] logits of prompt + tokens[:, :-1], position by position
+    step_seconds: float | None = None  # mean time of the decode steps after the third token (graph replays on GPUs)
 
 
 class DecodeGraph:
@@ -75,11 +77,13 @@ def greedy(model: Transformer, ids: torch.Tensor, max_tokens: int, graphs: bool 
         cache = KVCache()
     step = model(ids, cache)
     logits, tokens = [step], []
-    graph = None
+    graph, started = None, None
     for i in range(max_tokens):
         tokens.append(step[:, -1].argmax(-1, keepdim=True))
         if i + 1 == max_tokens:
             break
+        if i == 2:  # after prefill, the warm-up step and the capture: steady decoding
+            started = _now(ids.device)
         if not use_graph:
             step = model(tokens[-1], cache)
         elif i == 0:
@@ -88,7 +92,15 @@ def greedy(model: Transformer, ids: torch.Tensor, max_tokens: int, graphs: bool 
             graph = graph or DecodeGraph(model, cache, tokens[-1])
             step = graph(tokens[-1]).clone()
         logits.append(step)
-    return Generation(torch.cat(tokens, dim=1), torch.cat(logits, dim=1))
+    seconds = None if started is None else (_now(ids.device) - started) / (max_tokens - 3)
+    return Generation(torch.cat(tokens, dim=1), torch.cat(logits, dim=1), seconds)
+
+
+def _now(device: torch.device) -> float:
+    """Wall-clock seconds once the device has finished what was queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def tokenizer(folder: Path):

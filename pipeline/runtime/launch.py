@@ -98,13 +98,17 @@ def generate(setup: RankSetup, ids: torch.Tensor, max_tokens: int, timeout: floa
     """Greedy generation at the folder's tp: rank 0's tokens and logits, and every rank's collective counts."""
     tp = check_setup(setup)
     results = run_ranks(tp, partial(greedy_task, setup, ids, max_tokens), setup.device, timeout)
-    return Generation(**results[0].values), [r.counts for r in results]
+    values = results[0].values
+    step = values.get("step_seconds")
+    return (Generation(values["tokens"], values["logits"], None if step is None else step.item()),
+            [r.counts for r in results])
 
 
 def greedy_task(setup: RankSetup, ids: torch.Tensor, max_tokens: int, comm: Comm, device: torch.device
                 ) -> dict[str, torch.Tensor]:
     gen = greedy(setup.load(comm, device), ids.to(device), max_tokens)
-    return {"tokens": gen.tokens, "logits": gen.logits}
+    timed = {} if gen.step_seconds is None else {"step_seconds": torch.tensor(gen.step_seconds)}
+    return {"tokens": gen.tokens, "logits": gen.logits, **timed}
 
 
 def _rank_main(rank: int, tp: int, tmp: str, task: Task, device_kind: str, timeout: float) -> None:
