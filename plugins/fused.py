@@ -47,21 +47,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, HEADS, T, sx_b, sx_h, sx_t, sx_d,
-                 D: tl.constexpr, BLOCK_H: tl.constexpr):
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rows (b, heads h0..h0+BLOCK_H-1, t) of out [B, HEADS, T, D] (contiguous) = x cos + rotate_half(x) sin, where
     rotate_half(x) = (-x[D/2:], x[:D/2]) (the HF Llama convention: halves, not interleaved pairs)."""
     bt = tl.program_id(0)
     b, t = bt // T, bt % T
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    d = tl.arange(0, D)
+    d = tl.arange(0, BLOCK_D)  # D padded to a power of two
     partner = (d + D // 2) % D
     sign = tl.where(d < D // 2, -1.0, 1.0)
-    mask = (heads < HEADS)[:, None]
+    mask = (heads < HEADS)[:, None] & (d < D)[None, :]
     row = x_ptr + b * sx_b + heads[:, None] * sx_h + t * sx_t
     x = tl.load(row + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
     x_partner = tl.load(row + partner[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + t * D + d).to(tl.float32)
-    sin = tl.load(sin_ptr + t * D + d).to(tl.float32)
+    cos = tl.load(cos_ptr + t * D + d, mask=d < D, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t * D + d, mask=d < D, other=0.0).to(tl.float32)
     out = x * cos[None, :] + sign[None, :] * x_partner * sin[None, :]
     offs = ((b * HEADS + heads[:, None]) * T + t) * D + d[None, :]
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -69,13 +69,13 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, HEADS, T, sx_b, sx_h, sx_t, s
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding of x [B, heads, T, D] (any strides, e.g. a view of the fused q/k/v output) with cos and sin
-    [T, D], into `out` (contiguous, x's shape) if given, else a new tensor.  D must be a power of two (64, 128, ...)."""
+    [T, D], into `out` (contiguous, x's shape) if given, else a new tensor (D even)."""
     b, heads, t, d = x.shape
-    if d & (d - 1) or cos.shape != (t, d) or sin.shape != (t, d):
-        raise ValueError(f"rope takes x [B, H, T, D] with D a power of two and cos/sin [T, D], got {tuple(x.shape)}, "
+    if d % 2 or cos.shape != (t, d) or sin.shape != (t, d):
+        raise ValueError(f"rope takes x [B, H, T, D] with D even and cos/sin [T, D], got {tuple(x.shape)}, "
                          f"{tuple(cos.shape)}, {tuple(sin.shape)}")
     out = torch.empty((b, heads, t, d), dtype=x.dtype, device=x.device) if out is None else out
     grid = (b * t, triton.cdiv(heads, ROPE_HEADS))
-    _rope_kernel[grid](x, cos.contiguous(), sin.contiguous(), out, heads, t, *x.stride(), D=d, BLOCK_H=ROPE_HEADS,
-                       num_warps=4)
+    _rope_kernel[grid](x, cos.contiguous(), sin.contiguous(), out, heads, t, *x.stride(), D=d,
+                       BLOCK_D=triton.next_power_of_2(d), BLOCK_H=ROPE_HEADS, num_warps=4)
     return out
