@@ -351,3 +351,5 @@ def test_greedy_on_a_gpu_replays_one_graph_and_decodes_as_eager_steps_do(model_t
     assert err < 5e-3, err
     assert dict(model.comm.counts) == eager_counts
     assert graphed.step_seconds > 0 and eager.step_seconds > 0
+    again = greedy(model, ids, 7)  # a second request in the same process (serving) captures its own graph
+    assert torch.equal(again.tokens, eager.tokens) and torch.equal(again.logits, graphed.logits)
