@@ -131,14 +131,15 @@ def run(
     engine: Annotated[Path, typer.Argument(help="Per-rank folder written by `tpaware convert`.")],
     prompt_ids: Annotated[str | None, typer.Option(help="Token ids, comma-separated; ';' between prompts.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Text prompt (needs tokenizer files in the folder).")] = None,
-    max_tokens: int = 16,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per prompt; the step time is reported from 4.")] = 16,
     mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "tpaware",
     device: Annotated[str, typer.Option(help="cpu (gloo) or cuda (NCCL, one GPU per rank).")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or float64.")] = "float32",
     kernel: Annotated[bool, typer.Option(help=_KERNEL_HELP)] = True,
     timeout: Annotated[float, typer.Option(help="Seconds before every rank is stopped.")] = 600.0,
 ) -> None:
-    """Greedy generation at the folder's tp, one process per rank; prints the tokens and the collectives issued."""
+    """Greedy generation at the folder's tp, one process per rank; prints the tokens, the time per decode step (on
+    GPUs each step replays one CUDA graph) and the collectives issued."""
     from pipeline.rankfolder import read_manifest
     from pipeline.runtime.generate import parse_ids, tokenizer
     from pipeline.runtime.launch import RankSetup, dtype_of, generate
