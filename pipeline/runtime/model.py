@@ -156,14 +156,14 @@ class Transformer:
     def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm or RMSNorm, computed in at least fp32 (as HF does): a squared fp16 activation overflows."""
         weight = self.dense[f"{name}.weight"]
-        if self.arch is not GPT_BIGCODE and self._fuses(x):
-            return self.fused.rms_norm(x, weight, self.config.get("rms_norm_eps", 1e-6))
-        wide = x.to(_at_least_fp32(x.dtype))
         if self.arch is GPT_BIGCODE:
-            eps = self.config.get("layer_norm_epsilon", 1e-5)
+            wide, eps = x.to(_at_least_fp32(x.dtype)), self.config.get("layer_norm_epsilon", 1e-5)
             bias = self.dense[f"{name}.bias"]
             return F.layer_norm(wide, (x.shape[-1],), weight.to(wide.dtype), bias.to(wide.dtype), eps).to(x.dtype)
-        return F.rms_norm(wide, (x.shape[-1],), eps=self.config.get("rms_norm_eps", 1e-6)).to(x.dtype) * weight
+        eps = self.config.get("rms_norm_eps", 1e-6)
+        if self._fuses(x):
+            return self.fused.rms_norm(x, weight, eps)
+        return F.rms_norm(x.to(_at_least_fp32(x.dtype)), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
     def linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.linears[layer_name(self.arch, i, name)](x)
