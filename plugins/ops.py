@@ -94,12 +94,21 @@ def _w4a16_gemm_cuda(
             copies = tuning.weight_copies(weights)
             config = tuning.choose(
                 key,
-                tuning.candidates(m, n, k, sms, permuted=in_perm is not None),
+                tuning.candidates(m, n, k, sms, permuted=in_perm is not None,
+                                  warp_specialized=_warp_specialized(x, weights, group_size, g_idx)),
                 lambda c, i: w4a16_matmul(x, copies[i], group_size, c, in_perm, g_idx),
                 len(copies),
             )
             del copies
     return w4a16_matmul(x, weights, group_size, config, in_perm, g_idx)
+
+
+def _warp_specialized(x: torch.Tensor, weights: dict[str, torch.Tensor], group_size: int,
+                      g_idx: torch.Tensor | None) -> bool:
+    """Whether the tuner may try the warp-specialized Gluon kernel for this call (Hopper only)."""
+    from plugins import w4a16_ws
+
+    return w4a16_ws.supported(x, weights, group_size, g_idx is not None)
 
 
 @functools.cache

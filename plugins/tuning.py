@@ -65,7 +65,8 @@ def _split_choices(tiles: int, steps: int, num_sms: int) -> list[int]:
     return splits
 
 
-def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> list[Config]:
+def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False,
+               warp_specialized: bool = False) -> list[Config]:
     """Configs to try for one shape; the first is the untuned default.
 
     Split-K counts for every tile, and for the tensor-core tiles also stream-K grids (`Config.programs`): where the
@@ -74,6 +75,10 @@ def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> 
 
     The FMA tiles are tried with and without prepared X (`Config.prep_x`), except for a layer with an input
     permutation (`permuted`), whose FMA path always prepares X, like every dot tile.
+
+    Where the warp-specialized kernel can run the call (`warp_specialized`, see `w4a16_ws.supported`), its split-K
+    grids are added for as long as every program is resident at once (3 per SM): a second round of programs measured
+    1.4x slower (plugins/NOTES.md "Session 9").
     """
     bucket = m_bucket(m)
     families: list[tuple[int, bool, tuple[tuple[int, int, int, bool], ...]]] = []
@@ -92,6 +97,13 @@ def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False) -> 
             if use_dot:
                 out += [Config(block_m, block_n, block_k, 1, True, False, warps, _STAGES, programs=per_sm * num_sms)
                         for per_sm in _STREAM_K_PER_SM if n_tiles < per_sm * num_sms <= n_tiles * -(-k // block_k)]
+    if warp_specialized:
+        from plugins import w4a16_ws
+
+        n_tiles = -(-n // w4a16_ws.BLOCK_N) * -(-m // 16)
+        out += [Config(16, w4a16_ws.BLOCK_N, w4a16_ws.BLOCK_K, split, True, False, 4, w4a16_ws.STAGES,
+                       warp_specialized=True)
+                for split in (1, 2, 3, 4) if split == 1 or n_tiles * split <= w4a16_ws.PER_SM * num_sms]
     return out + [replace(c, prep_x=True) for c in out if not (c.use_dot or permuted)]
 
 

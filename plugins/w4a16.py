@@ -473,6 +473,9 @@ class Config:
     # `split_k` programs per tile.  A multiple of the SM count gives every SM the same work where tiles x split would
     # leave a last round half empty.
     programs: int = 0
+    # Hopper: the dot path as the warp-specialized Gluon kernel (`w4a16_ws.py`, a TMA ring of `num_stages` slots,
+    # `split_k` programs per tile); calls it cannot run (`w4a16_ws.supported`) take this tile on the `tl` kernel.
+    warp_specialized: bool = False
 
     def grid(self, m: int, n: int, k: int) -> tuple[int, int]:
         """(programs, output tiles) of a launch on [m, k] x [k, n]: stream-K runs one program per tile at least, and
@@ -518,6 +521,11 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """Launch the kernel on a contiguous [M, K] `x`; returns [M, N] in x's dtype (into `out` if given)."""
     qweight = weights["qweight"]
+    if config.warp_specialized:
+        from plugins import w4a16_ws  # Gluon, imported only where a config asks for it
+
+        if not w4a16_ws.supported(x, weights, group_size, g_idx is not None):
+            config = replace(config, warp_specialized=False)
     if config.dequantizes(group_size, g_idx is not None):  # needs far more registers and shared memory
         config = replace(config, block_n=min(config.block_n, 64), num_stages=1)
     m, k = x.shape
@@ -545,6 +553,10 @@ def w4a16_matmul(
         ws = torch.empty(2 * programs * config.block_m * config.block_n, dtype=torch.float32, device=x.device)
     else:  # never touched; typed as the partials are, so the kernel compiles the same (no allocation per call)
         ws = locks.view(torch.float32)
+    if config.warp_specialized:
+        w4a16_ws.launch(x, xsum, weights, group_size, k, config.split_k, config.num_stages, PAIR_MAGIC[out.dtype], out,
+                        ws, locks)
+        return out
     w4a16_kernel[(programs,)](
         x, xsum, qweight, weights["qzeros"], weights["scales"],
         qweight if in_perm is None else in_perm,

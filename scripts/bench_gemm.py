@@ -243,10 +243,11 @@ def markdown(env: dict, copy_gbs: float, rows: list[dict]) -> str:
 
 
 def _config_text(cfg: dict) -> str:
-    """`fma|dot MxNxK sSPLIT|pPROGRAMS wWARPS [pf] [px]`: split-K or a stream-K grid of PROGRAMS, pf prefetches by
-    hand, px is the FMA path's `prep_x`."""
+    """`fma|dot|ws MxNxK sSPLIT|pPROGRAMS wWARPS [pf] [px]`: split-K or a stream-K grid of PROGRAMS, pf prefetches by
+    hand, px is the FMA path's `prep_x`; ws is the tensor-core tile on the warp-specialized Gluon kernel."""
     grid = f"p{cfg['programs']}" if cfg.get("programs") else f"s{cfg['split_k']}"
-    return (f"{'dot' if cfg['use_dot'] else 'fma'} {cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} "
+    path = "ws" if cfg.get("warp_specialized") else "dot" if cfg["use_dot"] else "fma"
+    return (f"{path} {cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} "
             f"{grid} w{cfg['num_warps']}{' pf' if cfg['prefetch'] else ''}"
             f"{' px' if cfg.get('prep_x') else ''}")
 

@@ -57,6 +57,29 @@ def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, per
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
 
 
+def compile_ws_sm90(dtype: str, group_size: int):
+    """Compile the warp-specialized Gluon kernel (`plugins/w4a16_ws.py`) as `launch` would, at its tuner's ring depth:
+    the signature comes from real TMA descriptors over small CPU tensors."""
+    import torch
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from plugins import w4a16_ws
+
+    k, n, act = 1024, 512, torch.float16 if dtype == "fp16" else torch.bfloat16
+    weights = {"qweight": torch.zeros(k // 8, n, dtype=torch.int32), "qzeros": torch.zeros(k // 128, n // 8,
+               dtype=torch.int32), "scales": torch.zeros(k // 128, n, dtype=torch.float16)}
+    descs = w4a16_ws.descriptors(torch.zeros(16, k, dtype=act), weights)
+    sig = {name: mangle_type(d) for name, d in zip(("w_desc", "x_desc", "s_desc", "z_desc"), descs)}
+    sig.update(xsum_ptr="*fp32", out_ptr=f"*{dtype}", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
+               stride_om="i32", xsum_stride="i32", magic="i32", GROUP_SIZE="constexpr", STAGES="constexpr",
+               num_warps="constexpr")
+    consts = {"GROUP_SIZE": group_size, "STAGES": w4a16_ws.STAGES, "num_warps": 4}
+    src = GluonASTSource(w4a16_ws.w4a16_ws_kernel, sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4,
+                                                                          "maxnreg": w4a16_ws.MAXNREG})
+
+
 def loop_body(sass: str) -> list[str]:
     """Instructions of the K loop: the longest innermost loop (a backward branch and everything it jumps over, with
     no other loop inside it)."""
@@ -75,8 +98,11 @@ def analyse(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> d
     """Compile one config (`--config` syntax) and measure its K loop."""
     parts = spec.split(",")
     block_m, block_n, block_k, warps = map(int, parts[:4])
-    kernel = compile_sm90(block_m, block_n, block_k, warps, parts[4] == "dot", "pf" in parts[5:], dtype, perm,
-                          gidx, group_size, prep_x="px" in parts[5:], stream_k="sk" in parts[5:])
+    if parts[4] == "ws":
+        kernel = compile_ws_sm90(dtype, group_size)
+    else:
+        kernel = compile_sm90(block_m, block_n, block_k, warps, parts[4] == "dot", "pf" in parts[5:], dtype, perm,
+                              gidx, group_size, prep_x="px" in parts[5:], stream_k="sk" in parts[5:])
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "w4a16.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -107,8 +133,8 @@ def report(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append",
-                        help="block_m,block_n,block_k,warps,fma|dot[,pf][,px][,sk] (pf: prefetch, px: FMA path with "
-                        "prepared X, sk: stream-K schedule)")
+                        help="block_m,block_n,block_k,warps,fma|dot|ws[,pf][,px][,sk] (pf: prefetch, px: FMA path with "
+                        "prepared X, sk: stream-K schedule; ws: the warp-specialized Gluon kernel, 16,128,128,4,ws)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--perm", action="store_true", help="fused X[:, perm] gather (FMA path: X prepared)")

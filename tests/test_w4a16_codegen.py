@@ -23,6 +23,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gemm_sass_report.py"
 DOT = ("16,128,128,4,dot", "16,64,128,4,dot", "16,256,64,8,dot", "16,128,128,4,dot,sk")
+WS = "16,128,128,4,ws"  # the warp-specialized Gluon kernel (plugins/w4a16_ws.py)
 FMA = ("1,64,128,4,fma,pf", "2,64,128,4,fma,pf,px")
 
 
@@ -35,7 +36,7 @@ def _report(*args: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reports() -> dict[str, dict]:
-    configs = [arg for spec in DOT + FMA for arg in ("--config", spec)]
+    configs = [arg for spec in DOT + FMA + (WS,) for arg in ("--config", spec)]
     return {r["config"]: r for r in _report(*configs)}
 
 
@@ -45,6 +46,17 @@ def test_dot_path_loads_words_into_the_operand_layout(reports, spec):
     assert r["stack_bytes"] == 0, r
     assert r["ldmatrix"] == 0 and r["opcodes"].get("STS.128", 0) == 0, r  # no unpacked tile through shared memory
     assert any(op.startswith("HGMMA") for op in r["opcodes"]), r  # wgmma, W^T from registers
+
+
+def test_warp_specialized_loop_keeps_three_programs_per_sm(reports):
+    """The Gluon kernel's consumer loop: wgmma with W^T from registers, no local memory, no unpacked tile through
+    shared memory, fewer instructions per weight than the `tl` loop, and
+    at most 80 registers at launch (3 programs of 8 warps per SM, the occupancy its speed was measured at)."""
+    r, tl_loop = reports[WS], reports["16,128,128,4,dot"]
+    assert any(op.startswith("HGMMA") for op in r["opcodes"]), r
+    assert not any(op.startswith(("LDL", "STL")) for op in r["opcodes"]), r
+    assert r["shared_stores"] == 0 and r["registers"] <= 80, r
+    assert r["per_weight"] < tl_loop["per_weight"], (r, tl_loop)
 
 
 @pytest.mark.parametrize("spec", FMA)

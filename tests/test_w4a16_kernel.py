@@ -374,3 +374,68 @@ def test_bench_gemm_redraws_the_committed_plot(tmp_path):
     result = CliRunner().invoke(app, ["bench", "gemm", "--out", str(tmp_path), "--plot", str(saved)])
     assert result.exit_code == 0
     assert (tmp_path / "gemm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _ws_config(kernel, split: int):
+    return kernel.Config(16, 128, 128, split, True, False, 4, 4, warp_specialized=True)
+
+
+@pytest.mark.parametrize("variant", ["contig", "gidx"])
+def test_warp_specialized_config_runs_on_any_device(kernel, variant):
+    """Where the Gluon kernel cannot run (no Hopper GPU, or a g_idx layer that reuses the contiguous layer's choice)
+    a warp-specialized config runs its tile on the `tl` kernel."""
+    if DEVICE == "cuda" and variant == "contig" and torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("runs the Gluon kernel here (test_warp_specialized_kernel_matches_fp64)")
+    _run_case(kernel, 5, 512, 256, 128, torch.float16, variant, _ws_config(kernel, 2))
+
+
+def test_tuner_tries_the_warp_specialized_kernel_only_where_it_runs():
+    """Split-K grids of the Gluon kernel while every program stays resident (3 per SM); none unless supported."""
+    pytest.importorskip("triton")
+    from plugins import tuning
+
+    assert not any(c.warp_specialized for c in tuning.candidates(16, 14336, 8192, 132))
+    ws = [c for c in tuning.candidates(16, 14336, 8192, 132, warp_specialized=True) if c.warp_specialized]
+    assert {c.split_k for c in ws} == {1, 2, 3}  # 112 tiles: 4 per tile would need 448 > 396 resident programs
+    assert all((c.block_m, c.block_n, c.block_k, c.use_dot) == (16, 128, 128, True) for c in ws)
+    assert {c.split_k for c in tuning.candidates(1, 28672, 8192, 132, warp_specialized=True)
+            if c.warp_specialized} == {1}  # 224 tiles
+    assert {c.split_k for c in tuning.candidates(4, 8192, 14336, 132, warp_specialized=True)
+            if c.warp_specialized} == {1, 2, 3, 4}  # 64 tiles
+
+
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="needs a Hopper GPU (wgmma, TMA)")
+
+
+@hopper
+@pytest.mark.parametrize("split", [1, 2, 3])
+@pytest.mark.parametrize("variant", ["contig", "perm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 16, 20])
+def test_warp_specialized_kernel_matches_fp64(kernel, m, dtype, variant, split):
+    """The Gluon kernel: M past one 16-row tile (20), K ranges that split unevenly (3 into 16 steps), fused gather;
+    output NaN-poisoned first."""
+    from plugins import w4a16_ws
+
+    gen, _ = _generator()
+    weights = {k: t.cuda() for k, t in random_layer(2048, 384, 128, generator=gen)[0].items()}
+    assert w4a16_ws.supported(torch.empty(1, device="cuda"), weights, 128, False)
+    _run_case(kernel, m, 2048, 384, 128, dtype, variant, _ws_config(kernel, split))
+
+
+@hopper
+def test_warp_specialized_split_k_is_deterministic_and_graph_capturable(kernel):
+    gen, _ = _generator()
+    weights = {k: t.cuda() for k, t in random_layer(4096, 512, 128, generator=gen)[0].items()}
+    x = torch.randn(3, 4096, generator=gen).to(torch.float16).cuda()
+    config = _ws_config(kernel, 4)
+    first = kernel.w4a16_matmul(x, weights, 128, config)
+    assert torch.equal(first, kernel.w4a16_matmul(x, weights, 128, config))
+    assert int(kernel._LOCKS[x.device].abs().sum()) == 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernel.w4a16_matmul(x, weights, 128, config)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, first)
