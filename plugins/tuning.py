@@ -78,7 +78,7 @@ def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False,
 
     Where the warp-specialized kernel can run the call (`warp_specialized`, see `w4a16_ws.supported`), its split-K
     grids are added for as long as every program is resident at once (3 per SM): a second round of programs measured
-    1.4x slower (plugins/NOTES.md "Session 9").
+    1.56x slower (plugins/NOTES.md "Session 9").
     """
     bucket = m_bucket(m)
     families: list[tuple[int, bool, tuple[tuple[int, int, int, bool], ...]]] = []
