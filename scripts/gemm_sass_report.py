@@ -58,8 +58,8 @@ def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, per
 
 
 def compile_ws_sm90(dtype: str, group_size: int):
-    """Compile the warp-specialized Gluon kernel (`plugins/w4a16_ws.py`) as `launch` would, at its tuner's ring depth:
-    the signature comes from real TMA descriptors over small CPU tensors."""
+    """Compile the warp-specialized Gluon kernel (`plugins/w4a16_ws.py`) as `launch` would, at its tuner's ring depth
+    and split-K by 4: the signature comes from real TMA descriptors over small CPU tensors."""
     import torch
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -73,8 +73,8 @@ def compile_ws_sm90(dtype: str, group_size: int):
     sig = {name: mangle_type(d) for name, d in zip(("w_desc", "x_desc", "s_desc", "z_desc"), descs)}
     sig.update(xsum_ptr="*fp32", out_ptr=f"*{dtype}", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
                stride_om="i32", xsum_stride="i32", magic="i32", GROUP_SIZE="constexpr", STAGES="constexpr",
-               num_warps="constexpr")
-    consts = {"GROUP_SIZE": group_size, "STAGES": w4a16_ws.STAGES, "num_warps": 4}
+               SPLIT="constexpr", num_warps="constexpr")
+    consts = {"GROUP_SIZE": group_size, "STAGES": w4a16_ws.STAGES, "SPLIT": 4, "num_warps": 4}
     src = GluonASTSource(w4a16_ws.w4a16_ws_kernel, sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4,
                                                                           "maxnreg": w4a16_ws.MAXNREG})
