@@ -2,7 +2,8 @@
 
 * CPU (and any non-CUDA device): the exact reference, dequantize in fp32 and matmul in fp32.
 * CUDA: the Triton kernel for 1 <= M <= 64 (Triton is imported on first CUDA use only, so this
-  module imports on machines without it), dequantize + cuBLAS above that or for fp32 inputs.
+  module imports on machines without it), or on Hopper its warp-specialized Gluon form where the tuner timed it
+  faster; dequantize + cuBLAS above that or for fp32 inputs.
 * Fake: shape and dtype only, for tracing.
 
 Before CUDA-graph capture, run each shape once: that compiles the kernel, settles the tuned
@@ -106,9 +107,10 @@ def _w4a16_gemm_cuda(
 def _warp_specialized(x: torch.Tensor, weights: dict[str, torch.Tensor], group_size: int,
                       g_idx: torch.Tensor | None) -> bool:
     """Whether the tuner may try the warp-specialized Gluon kernel for this call (Hopper only)."""
-    from plugins import w4a16_ws
+    from plugins.w4a16 import gluon_kernel
 
-    return w4a16_ws.supported(x, weights, group_size, g_idx is not None)
+    w4a16_ws = gluon_kernel()
+    return w4a16_ws is not None and w4a16_ws.supported(x, weights, group_size, g_idx is not None)
 
 
 @functools.cache

@@ -29,6 +29,8 @@ it by X pre-scaled by 2^64 / 16^e: one LOP3 and one FFMA per weight.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -496,6 +498,15 @@ class Config:
         return self.use_dot or permuted or self.prep_x
 
 
+@functools.cache
+def gluon_kernel():
+    """`plugins.w4a16_ws`, imported on first use (Gluon), or None with a Triton whose Gluon lacks its Hopper API."""
+    try:
+        return importlib.import_module("plugins.w4a16_ws")
+    except ImportError:
+        return None
+
+
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -521,11 +532,9 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """Launch the kernel on a contiguous [M, K] `x`; returns [M, N] in x's dtype (into `out` if given)."""
     qweight = weights["qweight"]
-    if config.warp_specialized:
-        from plugins import w4a16_ws  # Gluon, imported only where a config asks for it
-
-        if not w4a16_ws.supported(x, weights, group_size, g_idx is not None):
-            config = replace(config, warp_specialized=False)
+    w4a16_ws = gluon_kernel() if config.warp_specialized else None
+    if config.warp_specialized and not (w4a16_ws and w4a16_ws.supported(x, weights, group_size, g_idx is not None)):
+        config = replace(config, warp_specialized=False)
     if config.dequantizes(group_size, g_idx is not None):  # needs far more registers and shared memory
         config = replace(config, block_n=min(config.block_n, 64), num_stages=1)
     m, k = x.shape

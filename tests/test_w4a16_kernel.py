@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -387,6 +388,18 @@ def test_warp_specialized_config_runs_on_any_device(kernel, variant):
     if DEVICE == "cuda" and variant == "contig" and torch.cuda.get_device_capability() == (9, 0):
         pytest.skip("runs the Gluon kernel here (test_warp_specialized_kernel_matches_fp64)")
     _run_case(kernel, 5, 512, 256, 128, torch.float16, variant, _ws_config(kernel, 2))
+
+
+def test_warp_specialized_config_without_gluon(kernel, monkeypatch):
+    """With a Triton whose Gluon cannot be imported, a warp-specialized config (say from the shipped choices) still
+    runs, on the `tl` kernel."""
+    monkeypatch.setitem(sys.modules, "plugins.w4a16_ws", None)  # makes the import raise ImportError
+    kernel.gluon_kernel.cache_clear()
+    try:
+        assert kernel.gluon_kernel() is None
+        _run_case(kernel, 3, 512, 256, 128, torch.float16, "contig", _ws_config(kernel, 1))
+    finally:
+        kernel.gluon_kernel.cache_clear()
 
 
 def test_tuner_tries_the_warp_specialized_kernel_only_where_it_runs():
