@@ -79,7 +79,7 @@ def _w4a16_gemm_cuda(
         return x.new_empty(0, n)
     if m > tuning.MAX_M or x.dtype not in KERNEL_DTYPES:
         return _reference_matmul(x, weights, group_size, in_perm, g_idx, x.dtype)
-    from plugins.w4a16 import w4a16_matmul
+    from plugins.w4a16 import gluon_kernel_for, w4a16_matmul
 
     x = x.contiguous()
     variant = "gidx" if g_idx is not None else "perm" if in_perm is not None else "contig"
@@ -96,21 +96,13 @@ def _w4a16_gemm_cuda(
             config = tuning.choose(
                 key,
                 tuning.candidates(m, n, k, sms, permuted=in_perm is not None,
-                                  warp_specialized=_warp_specialized(x, weights, group_size, g_idx)),
+                                  warp_specialized=gluon_kernel_for(x, weights, group_size, g_idx is not None)
+                                  is not None),
                 lambda c, i: w4a16_matmul(x, copies[i], group_size, c, in_perm, g_idx),
                 len(copies),
             )
             del copies
     return w4a16_matmul(x, weights, group_size, config, in_perm, g_idx)
-
-
-def _warp_specialized(x: torch.Tensor, weights: dict[str, torch.Tensor], group_size: int,
-                      g_idx: torch.Tensor | None) -> bool:
-    """Whether the tuner may try the warp-specialized Gluon kernel for this call (Hopper only)."""
-    from plugins.w4a16 import gluon_kernel
-
-    w4a16_ws = gluon_kernel()
-    return w4a16_ws is not None and w4a16_ws.supported(x, weights, group_size, g_idx is not None)
 
 
 @functools.cache

@@ -507,6 +507,12 @@ def gluon_kernel():
         return None
 
 
+def gluon_kernel_for(x: torch.Tensor, weights: dict[str, torch.Tensor], group_size: int, has_gidx: bool):
+    """`gluon_kernel()` where it can run this call (`w4a16_ws.supported`), else None."""
+    module = gluon_kernel()
+    return module if module is not None and module.supported(x, weights, group_size, has_gidx) else None
+
+
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -532,8 +538,8 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """Launch the kernel on a contiguous [M, K] `x`; returns [M, N] in x's dtype (into `out` if given)."""
     qweight = weights["qweight"]
-    w4a16_ws = gluon_kernel() if config.warp_specialized else None
-    if config.warp_specialized and not (w4a16_ws and w4a16_ws.supported(x, weights, group_size, g_idx is not None)):
+    w4a16_ws = gluon_kernel_for(x, weights, group_size, g_idx is not None) if config.warp_specialized else None
+    if config.warp_specialized and w4a16_ws is None:
         config = replace(config, warp_specialized=False)
     if config.dequantizes(group_size, g_idx is not None):  # needs far more registers and shared memory
         config = replace(config, block_n=min(config.block_n, 64), num_stages=1)
