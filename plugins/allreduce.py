@@ -1,19 +1,20 @@
 """A one-shot all-reduce for the small tensors of decode (the MLP's and attention's [M, hidden] outputs).
 
-At M = 1..16 the tensor is 16-256 KiB and NCCL's all-reduce costs ~12 µs inside a CUDA graph on 2 x H100 (its
-protocol, not the bytes).  Here every rank copies its part into a buffer that every peer has mapped (PyTorch symmetric
-memory: NVLink peer-to-peer, no multicast), tells each peer that the chunk is there, waits for the peers to say the
-same, reads all parts over NVLink and sums them in rank order (fp32, so every rank holds the same bits): one kernel,
-no host synchronisation, capturable in a CUDA graph.
+At M = 1..16 the tensor is 16-256 KiB and NCCL's all-reduce costs ~10 µs inside a CUDA graph on 2 x H100 (its
+protocol, not the bytes).  Here every rank writes its part straight into a buffer of every peer (PyTorch symmetric
+memory: NVLink peer-to-peer, no multicast), then sums the parts the peers wrote into its own buffer, in rank order
+(fp32, so every rank holds the same bits): one kernel, no host synchronisation, capturable in a CUDA graph.
 
-Signalling costs one one-way NVLink store per peer.  Program p keeps a call count (its epoch, modulo EPOCHS) in
-local memory; it sets its flag on each peer to the epoch (release, system scope) and waits until each peer's flag here
-shows the epoch (acquire), so flags never need a reset.  Calls alternate between the two halves of the buffer by the
-epoch's parity, which removes the second barrier a single buffer would need (no rank may overwrite its part before
-every peer has read it): a rank writes half e % 2 in call e only after its call e - 1 saw every peer's flag e - 1,
-which the peer set after its call e - 2, the last reader of that half, had finished.  For the same reason a peer is at
-most one call ahead, so a flag holds e - 1, e or e + 1 while a rank waits for e: the wait accepts e and e + 1 only,
-which stays right when the count wraps (a serving process makes billions of calls).
+No flags and no fences: a buffer element holds EMPTY (all bits set, a NaN) until a peer's value lands there, and the
+reader polls each element until it is not EMPTY, so the only cross-GPU latency is one posted NVLink store (an earlier
+version stored locally, raised a flag per peer behind a system-scope fence and read the parts back over NVLink: two
+round trips more).  A value whose bits are EMPTY is sent as another NaN.  Each element is written by one store and
+read whole, so it is seen either EMPTY or complete.  The reader sets each element back to EMPTY once read.
+
+Calls alternate between two slots of the buffer (each program keeps its parity in local memory), because a peer may
+start its next call, and write, before this rank has read and emptied the current one; it cannot get two calls ahead,
+since its next-but-one call needs this rank's part of the next, which this rank sends only after it finished this
+call (kernels on a stream run in order; with dependent launch each waits for its predecessor).
 """
 
 from __future__ import annotations
@@ -26,62 +27,74 @@ from plugins.pdl import enabled as pdl_enabled
 from plugins.pdl import wait_for_previous_kernel
 
 BLOCK = 2048  # elements per program: 8 per thread at 8 warps, 16-byte loads for fp16/bf16
-MAX_PROGRAMS = 256  # epochs and flags per peer; larger tensors are refused (the caller uses NCCL for them)
+MAX_PROGRAMS = 256  # parities kept per rank; larger tensors are refused (the caller uses NCCL for them)
 MAX_NUMEL = BLOCK * MAX_PROGRAMS  # 512 Ki elements: 1 MiB in fp16, well past where one-shot stops paying
-EPOCHS = 1 << 30  # call counts wrap here (even, so the buffer halves keep alternating across the wrap)
+EMPTY = -1  # the bits of an element no peer has written (all ones, in 16 or 32 bits alike: a NaN)
+SENT_FOR_EMPTY = -2  # what a value whose bits are EMPTY travels as (a NaN too)
+_BITS = {2: (torch.int16, tl.int16), 4: (torch.int32, tl.int32)}  # element size -> the integer view of its bits
 
 
 @triton.jit
-def _one_shot_kernel(x_ptr, out_ptr, buf_ptrs, flag_ptrs, epoch_ptr, n, rank, WORLD: tl.constexpr,
-                     BLOCK: tl.constexpr, EPOCHS: tl.constexpr, PDL: tl.constexpr):
-    """out = the sum over ranks of x, chunk `program_id` of it (launched while the GEMM that writes x finishes)."""
+def _one_shot_kernel(x_ptr, out_ptr, buf_ptrs, parity_ptr, n, rank, WORLD: tl.constexpr, MAX_NUMEL: tl.constexpr,
+                     BLOCK: tl.constexpr, EMPTY: tl.constexpr, SENT_FOR_EMPTY: tl.constexpr, PDL: tl.constexpr):
+    """out = the sum over ranks of x, chunk `program_id` of it (launched while the GEMM that writes x finishes).  x and
+    out are integer views of the values' bits; the buffers hold [2 slots][WORLD parts][MAX_NUMEL] of them."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    dtype = x_ptr.dtype.element_ty
-    epoch = (tl.load(epoch_ptr + pid) + 1) % EPOCHS  # this program's call count: the same on every rank
-    half = (epoch % 2) * n
-    mine = tl.load(buf_ptrs + rank).to(tl.pointer_type(dtype)) + half
-    tl.store(mine + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
-    tl.debug_barrier()  # every thread's part is stored before the flags go up
+    bits = x_ptr.dtype.element_ty
+    slot = 1 - tl.load(parity_ptr + pid)  # the same on every rank: every rank makes the same calls
+    mine = tl.load(x_ptr + offs, mask=mask)
+    sent = tl.where(mine == EMPTY, SENT_FOR_EMPTY, mine).to(bits)
     for peer in tl.static_range(WORLD):
         if peer != rank:
-            theirs = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(theirs + pid * WORLD + rank, epoch, sem="release", scope="sys")
-    own = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
-    ahead = (epoch + 1) % EPOCHS  # the peer may already be in its next call
-    for peer in tl.static_range(WORLD):
-        if peer != rank:
-            seen = tl.atomic_add(own + pid * WORLD + peer, 0, sem="acquire", scope="sys")
-            while (seen != epoch) & (seen != ahead):
-                seen = tl.atomic_add(own + pid * WORLD + peer, 0, sem="acquire", scope="sys")
-    tl.debug_barrier()  # no thread reads a peer's part before its flag was seen
+            theirs = tl.load(buf_ptrs + peer).to(tl.pointer_type(bits))
+            tl.store(theirs + (slot * WORLD + rank) * MAX_NUMEL + offs, sent, mask=mask)
+    own = tl.load(buf_ptrs + rank).to(tl.pointer_type(bits))
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for r in tl.static_range(WORLD):  # rank order on every rank: the same bits everywhere
-        part = tl.load(buf_ptrs + r).to(tl.pointer_type(dtype)) + half
-        acc += tl.load(part + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(dtype), mask=mask)
-    tl.store(epoch_ptr + pid, epoch)
+        if r == rank:
+            part = mine
+        else:
+            at = own + (slot * WORLD + r) * MAX_NUMEL + offs
+            part = tl.load(at, mask=mask, other=0, volatile=True)
+            while tl.max((part == EMPTY).to(tl.int32), axis=0) > 0:  # peer r's values have not all landed yet
+                part = tl.load(at, mask=mask, other=0, volatile=True)
+            tl.store(at, tl.full((BLOCK,), EMPTY, bits), mask=mask)  # empty for the call after next
+        acc += part.to(out_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(parity_ptr + pid, slot)
 
 
-def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, buf_ptrs: torch.Tensor, flag_ptrs: torch.Tensor,
-                        epochs: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Launch the kernel.  `buf_ptrs` / `flag_ptrs`: every rank's buffer / flags address (int64, on x's device); a
-    buffer holds 2 x numel elements of x's dtype, the flags MAX_PROGRAMS x world int32; `epochs`: this rank's
-    MAX_PROGRAMS int32 call counts.  Flags and epochs start at zero, and every rank makes the same calls."""
+def fits(t: torch.Tensor) -> bool:
+    """Whether `t` has at most MAX_NUMEL elements of 2 or 4 bytes (larger tensors are NCCL's job)."""
+    return t.numel() <= MAX_NUMEL and t.element_size() in _BITS
+
+
+def refuse_unless_it_fits(t: torch.Tensor) -> None:
+    if not fits(t):
+        raise ValueError(f"one-shot all-reduce takes at most {MAX_NUMEL} elements of 2 or 4 bytes, got {t.numel()} "
+                         f"of {t.dtype}")
+
+
+def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, buf_ptrs: torch.Tensor, parities: torch.Tensor, rank: int,
+                        world: int) -> torch.Tensor:
+    """Launch the kernel.  `buf_ptrs`: every rank's buffer address (int64, on x's device), a buffer holding
+    2 x world x MAX_NUMEL elements of 4 bytes, all bits set before the first call; `parities`: this rank's
+    MAX_PROGRAMS int32 slot parities, zero before the first call.  Every rank makes the same calls."""
     n = x.numel()
-    if n > MAX_NUMEL:
-        raise ValueError(f"one-shot all-reduce takes at most {MAX_NUMEL} elements, got {n}")
+    refuse_unless_it_fits(x)
     pdl = pdl_enabled(x.device)
-    _one_shot_kernel[(triton.cdiv(n, BLOCK),)](x, out, buf_ptrs, flag_ptrs, epochs, n, rank, WORLD=world,
-                                              BLOCK=BLOCK, EPOCHS=EPOCHS, PDL=pdl, num_warps=8, launch_pdl=pdl)
+    _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
+        x.view(_BITS[x.element_size()][0]), out, buf_ptrs, parities, n, rank, WORLD=world, MAX_NUMEL=MAX_NUMEL,
+        BLOCK=BLOCK, EMPTY=EMPTY, SENT_FOR_EMPTY=SENT_FOR_EMPTY, PDL=pdl, num_warps=8, launch_pdl=pdl)
     return out
 
 
 class PeerAllReduce:
     """`all_reduce(t)` over a process group whose GPUs map each other's memory (one node, NVLink), for tensors of at
-    most MAX_NUMEL elements of 2 or 4 bytes; returns a new tensor.  The symmetric buffers are made at the first call,
+    most MAX_NUMEL elements of 2 or 4 bytes; returns a new tensor.  The symmetric buffer is made at the first call,
     which is collective (every rank makes the same calls in the same order) and must come before any CUDA-graph
     capture."""
 
@@ -90,32 +103,23 @@ class PeerAllReduce:
 
         self._group = group or dist.group.WORLD
         self.rank, self.world = dist.get_rank(self._group), dist.get_world_size(self._group)
-        # symmetric tensors with every rank's address of them, kept together so the memory outlives its pointers
-        self._symmetric_memory: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffer: torch.Tensor | None = None  # this rank's symmetric buffer: its memory outlives the pointers
 
-    def _symmetric(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A zeroed symmetric tensor; returns every rank's address of it (int64 on `device`).  Collective."""
+    def _make_buffer(self, device: torch.device) -> None:
+        """This rank's buffer, all bits set, and every rank's address of it.  Collective."""
         import torch.distributed._symmetric_memory as symm_mem
 
-        t = symm_mem.empty(numel, dtype=dtype, device=device).zero_()
-        torch.cuda.synchronize(device)  # zero before any peer can write to it
-        handle = symm_mem.rendezvous(t, self._group.group_name)
-        self._symmetric_memory.append((t, torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)))
-        return self._symmetric_memory[-1][1]
+        self._buffer = symm_mem.empty(2 * self.world * MAX_NUMEL, dtype=torch.int32, device=device).fill_(EMPTY)
+        torch.cuda.synchronize(device)  # emptied before any peer can write to it
+        handle = symm_mem.rendezvous(self._buffer, self._group.group_name)
+        self._buf_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self._parities = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=device)
 
-    @staticmethod
-    def takes(t: torch.Tensor) -> bool:
-        """Whether `t` fits: at most MAX_NUMEL elements of 2 or 4 bytes (larger tensors are NCCL's job)."""
-        return t.numel() <= MAX_NUMEL and t.element_size() in (2, 4)
+    takes = staticmethod(fits)
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.takes(t):
-            raise ValueError(f"one-shot all-reduce takes at most {MAX_NUMEL} elements of 2 or 4 bytes, got "
-                             f"{t.numel()} of {t.dtype}")
+        refuse_unless_it_fits(t)
         t = t.contiguous()
-        if not self._symmetric_memory:
-            self._buf_ptrs = self._symmetric(2 * MAX_NUMEL, torch.int32, t.device)  # two halves of up to 4 bytes each
-            self._flag_ptrs = self._symmetric(MAX_PROGRAMS * self.world, torch.int32, t.device)
-            self._epochs = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=t.device)
-        return one_shot_all_reduce(t, torch.empty_like(t), self._buf_ptrs, self._flag_ptrs, self._epochs, self.rank,
-                                   self.world)
+        if self._buffer is None:
+            self._make_buffer(t.device)
+        return one_shot_all_reduce(t, torch.empty_like(t), self._buf_ptrs, self._parities, self.rank, self.world)

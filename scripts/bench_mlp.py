@@ -54,7 +54,8 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 L2_BYTES = 50 * 2**20
 ALL_REDUCE_TEXT = {"nccl": "NCCL",
                    "one-shot": "PyTorch symmetric-memory one-shot (`torch.ops.symm_mem.one_shot_all_reduce`)",
-                   "peer": "tpaware one-shot over symmetric memory (`plugins/allreduce.py`, fp16 as it is)"}
+                   "peer": "tpaware one-shot over symmetric memory (`plugins/allreduce.py`: each rank writes its part into "
+                           "its peers' memory, fp16 as it is)"}
 
 
 @dataclass
@@ -381,7 +382,7 @@ def main() -> None:
     parser.add_argument("--all-reduce", choices=tuple(ALL_REDUCE_TEXT), default="peer",
                         help="the final all-reduce at tp > 1 on GPUs: tpaware's one-shot kernel (the runtime's "
                         "default), NCCL, or PyTorch's symmetric-memory one-shot (fp32/bf16 only, so fp16 is copied); "
-                        "the one-shot kernels read peers over NVLink, multicast off")
+                        "the one-shot kernels move the parts over NVLink, multicast off")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/mlp"))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: check every mode's output with gloo (no timing), e.g. on small --shape")

@@ -1,12 +1,11 @@
 """The one-shot all-reduce kernel (plugins/allreduce.py).
 
-One rank runs alone (on the CPU in Triton's interpreter, or on one GPU) against buffers and flags laid out as its
-peers would have left them: every peer's parts of two calls already in their buffer halves and every peer's flags
-already set to the second call's count, so the rank's waits pass at once.  Checked over two calls (once across the
-wrap of the call count): the sums, its own part copied into the half of its buffer that the call's parity picks, its
-call counts, and exactly its flags set on every peer to the call's count.  A regression in the count arithmetic can
-make the rank wait forever instead of failing.  With two GPUs, real processes run it over NVLink: back to back with
-one rank stalled now and then, and replayed in a CUDA graph.
+One rank runs alone (on the CPU in Triton's interpreter, or on one GPU) against buffers laid out as its peers would
+have left them: every peer's parts of two calls already in this rank's buffer, in the slot of each call's parity, so
+its polls pass at once.  Checked over the two calls: the sums, its own part written into every peer's buffer in the
+call's slot (and nowhere else), the parts it read set back to EMPTY, its parities.  A regression in the slot
+arithmetic can make the rank poll forever instead of failing.  With two GPUs, real processes run it over NVLink: back
+to back with one rank stalled now and then, and replayed in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -18,52 +17,54 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from plugins.allreduce import BLOCK, EPOCHS, MAX_NUMEL, MAX_PROGRAMS, PeerAllReduce, one_shot_all_reduce
+from plugins.allreduce import BLOCK, EMPTY, MAX_NUMEL, MAX_PROGRAMS, SENT_FOR_EMPTY, PeerAllReduce, one_shot_all_reduce
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("world,rank,n,start", [(2, 0, 3 * BLOCK + 5, 0), (4, 2, BLOCK - 1, 0),
-                                                (2, 1, BLOCK + 1, EPOCHS - 2)])  # the last: the count wraps
-def test_one_rank_sums_alternates_halves_and_raises_its_flags(world, rank, n, start):
+@pytest.mark.parametrize("world,rank,n", [(2, 0, 3 * BLOCK + 5), (4, 2, BLOCK - 1), (2, 1, BLOCK + 1)])
+def test_one_rank_sums_the_peers_parts_sends_its_own_and_empties_the_slot(world, rank, n):
     dtype = torch.float16  # bf16 runs on the GPUs only: the interpreter truncates fp32 -> bf16 instead of rounding
     gen = torch.Generator().manual_seed(world * 10 + rank)
     calls = [[(torch.randn(n, generator=gen) * 100).to(DEVICE, dtype) for _ in range(world)] for _ in range(2)]
-    counts = [(start + 1) % EPOCHS, (start + 2) % EPOCHS]  # the two calls' epochs
-    programs = -(-n // BLOCK)
-    buffers = [torch.full((2 * n,), float("nan"), dtype=dtype, device=DEVICE) for _ in range(world)]
-    for epoch, parts in zip(counts, calls):  # the peers' parts, in the half of each call's parity
+    calls[0][rank][3] = torch.tensor(EMPTY, dtype=torch.int16).view(dtype)  # a NaN with EMPTY's bits must still travel
+    slots = [1, 0]  # parities start at zero: the first call takes slot 1
+    buffers = [torch.full((2 * world * MAX_NUMEL,), EMPTY, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+
+    def region(owner: int, slot: int, part: int) -> torch.Tensor:
+        return buffers[owner].view(torch.int16)[(slot * world + part) * MAX_NUMEL:][:n]
+
+    for slot, parts in zip(slots, calls):  # what the peers wrote here
         for r in range(world):
             if r != rank:
-                buffers[r][(epoch % 2) * n:][:n] = parts[r]
-    flags = [torch.zeros(MAX_PROGRAMS, world, dtype=torch.int32, device=DEVICE) for _ in range(world)]
-    flags[rank][:programs] = counts[-1]  # every peer is in its second call (the first call accepts one call ahead) ...
-    flags[rank][:, rank] = 0  # ... but not this rank itself
-    epochs = torch.full((MAX_PROGRAMS,), start, dtype=torch.int32, device=DEVICE)
+                region(rank, slot, r).copy_(parts[r].view(torch.int16))
+    parities = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=DEVICE)
     buf_ptrs = torch.tensor([b.data_ptr() for b in buffers], device=DEVICE)
-    flag_ptrs = torch.tensor([f.data_ptr() for f in flags], device=DEVICE)
+    programs = -(-n // BLOCK)
 
-    for epoch, parts in zip(counts, calls):
+    for slot, parts in zip(slots, calls):
         out = torch.full((n,), float("nan"), dtype=dtype, device=DEVICE)
-        one_shot_all_reduce(parts[rank], out, buf_ptrs, flag_ptrs, epochs, rank, world)
+        one_shot_all_reduce(parts[rank], out, buf_ptrs, parities, rank, world)
 
-        assert torch.equal(out, sum(p.float() for p in parts).to(dtype)), f"call {epoch}"
-        assert torch.equal(buffers[rank][(epoch % 2) * n:][:n], parts[rank]), f"call {epoch}: own part in its half"
-        assert epochs[:programs].eq(epoch).all() and epochs[programs:].eq(start).all()
-        raised = torch.zeros(MAX_PROGRAMS, world, dtype=torch.int32, device=DEVICE)
-        raised[:programs, rank] = epoch
+        torch.testing.assert_close(out, sum(p.float() for p in parts).to(dtype), rtol=0, atol=0, equal_nan=True)
+        sent = parts[rank].view(torch.int16).clone()
+        sent[sent == EMPTY] = SENT_FOR_EMPTY
         for peer in range(world):
             if peer != rank:
-                assert torch.equal(flags[peer], raised), f"call {epoch}: flags raised on peer {peer}"
-    first_half = (counts[0] % 2) * n
-    assert torch.equal(buffers[rank][first_half:][:n], calls[0][rank]), "call 2 must not overwrite call 1's half"
+                assert torch.equal(region(peer, slot, rank), sent), f"slot {slot}: own part on peer {peer}"
+                assert region(peer, 1 - slot, rank).eq(EMPTY).all() or slot == 0, "written to the other slot"
+                assert region(rank, slot, peer).eq(EMPTY).all(), f"slot {slot}: peer {peer}'s part not emptied"
+        assert parities[:programs].eq(slot).all() and parities[programs:].eq(0).all()
+    assert region(rank, slots[0], rank).eq(EMPTY).all(), "no rank writes its own part into its own buffer"
+    assert buffers[rank].view(torch.int16)[n:MAX_NUMEL].eq(EMPTY).all(), "nothing written past the tensor"
 
 
-def test_too_large_a_tensor_is_refused():
-    x = torch.zeros(MAX_NUMEL + 1, dtype=torch.float16)
+@pytest.mark.parametrize("numel,dtype", [(MAX_NUMEL + 1, torch.float16), (8, torch.float64)])
+def test_what_does_not_fit_is_refused(numel, dtype):
+    x = torch.zeros(numel, dtype=dtype)
     none = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="at most"):
-        one_shot_all_reduce(x, x, none, none, torch.zeros(MAX_PROGRAMS, dtype=torch.int32), 0, 2)
+        one_shot_all_reduce(x, x, none, torch.zeros(MAX_PROGRAMS, dtype=torch.int32), 0, 2)
 
 
 class _FakePeer:
