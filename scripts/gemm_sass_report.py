@@ -54,7 +54,8 @@ def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, per
         if name.endswith("_ptr") or name in ("N", "K", "stride_xm", "stride_om", "magic"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = triton.compiler.ASTSource(w4a16_kernel, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3,
+                                                                          "launch_pdl": True})
 
 
 def compile_ws_sm90(dtype: str, group_size: int):
@@ -120,7 +121,17 @@ def analyse(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> d
         "shared_stores": sum(n for op, n in ops.items() if op.startswith("STS")),
         "ldmatrix": sum(n for op, n in ops.items() if op.startswith("LDSM")),
         "opcodes": dict(ops.most_common()),
+        "waits_before_reading": waits_before_reading(kernel),
     }
+
+
+def waits_before_reading(kernel) -> bool:
+    """Launched dependently (PDL), the kernel may start while the previous one (which writes X) still runs: it must
+    execute `griddepcontrol.wait` before its first load from global memory (plain, cp.async or TMA)."""
+    ptx = kernel.asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
+    loads = [i for i in (ptx.find(op) for op in ("ld.global", "cp.async", "cp.async.bulk.tensor")) if i >= 0]
+    return bool(kernel.metadata.launch_pdl) and 0 <= wait < min(loads, default=len(ptx))
 
 
 def report(r: dict) -> str:
