@@ -1,13 +1,16 @@
-"""RMSNorm and rotary embedding as one Triton kernel each, for the decode step's glue around the GEMMs.
+"""RMSNorm, rotary embedding and the gated MLP's SiLU-and-multiply as one Triton kernel each, for the decode step's
+glue around the GEMMs.
 
 At batch 1 a decode step is mostly small kernels: a 2-layer Llama-70B-shaped step at tp=1 on H100 launched 109, of
 which 14 were GEMMs (benchmarks/decode_h100x2.md).  PyTorch runs an fp16 RMSNorm as five (to fp32, the norm, back to fp16, times
-the weight) and a rotary embedding of a strided q or k as five more (two products, a negation, a concatenation, a sum),
-each a launch and a pass over memory.  Here each is one pass: read once, compute in fp32, write once.
+the weight), a rotary embedding of a strided q or k as five more (two products, a negation, a concatenation, a sum),
+and silu(gate) * up as two, each a launch and a pass over memory.  Here each is one pass: read once, compute in fp32,
+write once.
 
 Numerics: `rms_norm` rounds where PyTorch's sequence does (the normalised row to the activations' dtype, then the
 product with the weight), so it matches it up to the last bit of an fp32 reciprocal square root; `rope` computes
-x cos + rotate_half(x) sin in fp32 and rounds once (PyTorch's fp16 ops round three times), so it is the more exact.
+x cos + rotate_half(x) sin in fp32 and rounds once (PyTorch's fp16 ops round three times), so it is the more exact;
+so is `silu_mul` (one rounding where PyTorch's two ops round twice).
 """
 
 from __future__ import annotations
@@ -78,4 +81,31 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
     grid = (b * t, triton.cdiv(heads, ROPE_HEADS))
     _rope_kernel[grid](x, cos.contiguous(), sin.contiguous(), out, heads, t, *x.stride(), D=d,
                        BLOCK_D=triton.next_power_of_2(d), BLOCK_H=ROPE_HEADS, num_warps=4)
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_gate, stride_up, BLOCK: tl.constexpr):
+    """Columns of row `program_id(0)` of out [rows, N] (contiguous) = silu(gate) * up, in fp32, rounded once."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    gate = tl.load(gate_ptr + row * stride_gate + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * stride_up + offs, mask=mask, other=0.0).to(tl.float32)
+    out = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * N + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up for gate and up of one shape (any leading shape, unit stride along the last dimension, e.g. the
+    two halves of the fused gate/up output), into `out` (contiguous, that shape) if given, else a new tensor."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"silu_mul takes gate and up of one shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
+                         f"and {tuple(up.shape)} {up.dtype}")
+    n = gate.shape[-1]
+    gate_rows, up_rows = (t.reshape(-1, n) if t.stride(-1) == 1 else t.contiguous().view(-1, n) for t in (gate, up))
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if out is None else out
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(n, block))](gate_rows, up_rows, out, n, gate_rows.stride(0),
+                                                                 up_rows.stride(0), BLOCK=block, num_warps=4)
     return out

@@ -1,4 +1,4 @@
-"""The fused RMSNorm and RoPE kernels (`plugins.fused`) against the PyTorch ops they replace, and the model with them.
+"""The fused RMSNorm, RoPE and SiLU-and-multiply kernels (`plugins.fused`) against the PyTorch ops they replace, and the model with them.
 
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py).  Outputs are poisoned with NaN first, inputs
 are fresh random draws, and the references are computed in fp64 and rounded once.
@@ -72,6 +72,21 @@ def test_rope_of_a_strided_view_matches_fp64(dtype, batch, heads, t, d):
     _within_ulps(got, want, dtype, ulps=1.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,t,width", [(1, 1, 14336), (2, 3, 700)])
+def test_silu_mul_of_the_fused_gate_up_halves_matches_fp64(dtype, batch, t, width):
+    """gate and up as the model gets them: the two halves of one gate/up output (row stride twice the width), widths a
+    multiple of the kernel's block and not; values out to where silu saturates."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gate_up = (torch.randn(batch, t, 2 * width, generator=gen) * 4).to(dtype).to(DEVICE)
+    gate, up = gate_up.split(width, dim=-1)
+    want = torch.nn.functional.silu(gate.double().cpu()) * up.double().cpu()
+    out = _poisoned((batch, t, width), dtype)
+    got = fused.silu_mul(gate, up, out=out)
+    assert got is out
+    _within_ulps(got, want, dtype, ulps=1.0)
+
+
 def test_rope_refuses_an_odd_head_size():
     x = torch.zeros(1, 2, 1, 63, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="D even"):
@@ -80,14 +95,14 @@ def test_rope_refuses_an_odd_head_size():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_model_with_fused_kernels_gives_pytorchs_logits(dtype, tiny_checkpoint, tmp_path, monkeypatch):
-    """The tiny Llama at tp=1, prefill then a decode step: every norm and both rotations through the kernels
-    (forced on the CPU, where the model would keep PyTorch's ops) against the model without them."""
+    """The tiny Llama at tp=1, prefill then a decode step: every norm, both rotations and the gated MLP's SiLU through
+    the kernels (forced on the CPU, where the model would keep PyTorch's ops) against the model without them."""
     convert(tiny_checkpoint("llama"), 1, tmp_path / "engine")
     comm = ThreadGroup(1).comm(0)
     with_kernels = load_rank_model(tmp_path / "engine", comm, dtype, DEVICE)
     without = load_rank_model(tmp_path / "engine", comm, dtype, DEVICE, kernel=False)
     assert with_kernels.fused is not None and without.fused is None
-    calls = {"rms_norm": 0, "rope": 0}
+    calls = {"rms_norm": 0, "rope": 0, "silu_mul": 0}
 
     def counted(name):
         real = getattr(fused, name)
@@ -103,5 +118,5 @@ def test_model_with_fused_kernels_gives_pytorchs_logits(dtype, tiny_checkpoint, 
     ids = torch.randint(0, with_kernels.lm_head.shape[0], (2, 6), generator=torch.Generator().manual_seed(0))
     got, want = with_kernels(ids.to(DEVICE)).double(), without(ids.to(DEVICE)).double()
     layers = with_kernels.dims.layers
-    assert calls == {"rms_norm": 2 * layers + 1, "rope": 2 * layers}
+    assert calls == {"rms_norm": 2 * layers + 1, "rope": 2 * layers, "silu_mul": layers}
     assert ((got - want).norm() / want.norm()).item() < 4 * ULP[dtype]

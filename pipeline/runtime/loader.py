@@ -22,8 +22,8 @@ def load_rank_model(folder: Path, comm: Comm, dtype: torch.dtype = torch.float32
                     device: torch.device | str = "cpu", mode: str = "tpaware", kernel: bool = True) -> Transformer:
     """Rank `comm.rank`'s share of the model in `folder`, run as `mode` (see `pipeline.runtime.reshard`).
 
-    Weights go to `dtype` on `device`; on CUDA the quantized matmuls use the W4A16 kernel, and RMSNorm and RoPE the
-    fused kernels, unless `kernel` is False.
+    Weights go to `dtype` on `device`; on CUDA the quantized matmuls use the W4A16 kernel, and RMSNorm, RoPE and
+    SiLU-and-multiply the fused kernels, unless `kernel` is False.
     """
     manifest = read_manifest(folder)
     if manifest["tp"] != comm.world_size:

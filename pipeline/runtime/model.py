@@ -118,8 +118,8 @@ class Transformer:
     def __init__(self, arch: Arch, dims: Dims, config: dict, heads: RankHeads, dense: dict[str, torch.Tensor],
                  linears: dict[str, LinearFn | SplitFn], comm: Comm, masked_o_proj: bool = False,
                  kernels: bool = True):
-        """`kernels`: RMSNorm and RoPE of fp16/bf16 activations on a GPU as one Triton kernel each (`plugins.fused`,
-        where Triton imports); False keeps PyTorch's ops everywhere."""
+        """`kernels`: RMSNorm, RoPE and SiLU-and-multiply of fp16/bf16 activations on a GPU as one Triton kernel each
+        (`plugins.fused`, where Triton imports); False keeps PyTorch's ops everywhere."""
         self.arch, self.dims, self.config, self.heads = arch, dims, config, heads
         self.dense, self.linears, self.comm, self.masked_o_proj = dense, linears, comm, masked_o_proj
         self.fused = fused_kernels() if kernels else None
@@ -198,7 +198,7 @@ class Transformer:
         """This rank's partial down_proj (c_proj) output from its slice of the intermediate."""
         if self.arch.gated:
             gate, up = self.linear_group(i, self.arch.mlp_in, h)
-            inner = F.silu(gate) * up
+            inner = self.fused.silu_mul(gate, up) if self._fuses(gate) else F.silu(gate) * up
         else:
             inner = F.gelu(self.linear(i, self.arch.mlp_in[0], h), approximate="tanh")
         return self.linear(i, self.arch.mlp_out, inner)
@@ -268,7 +268,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 
 
 def fused_kernels():
-    """`plugins.fused` (RMSNorm and RoPE kernels), or None where Triton or the plugin package is absent."""
+    """`plugins.fused` (RMSNorm, RoPE and SiLU-and-multiply kernels), or None where Triton or the plugin package is
+    absent."""
     try:
         from plugins import fused
     except ImportError:
