@@ -85,11 +85,7 @@ def _w4a16_gemm_cuda(
     variant = "gidx" if g_idx is not None else "perm" if in_perm is not None else "contig"
     name, sms = _device_info(x.device.index)
     key = tuning.cache_key(name, variant, x.dtype, group_size, m, n, k)
-    # g_idx shares the contiguous kernel's structure: reuse its choice when known.  A permutation is tuned on its own:
-    # the FMA path then reads X prepared by a kernel of its own, which moves the best choice (see w4a16_matmul).
-    config = tuning.lookup(key)
-    if config is None and variant == "gidx":
-        config = tuning.lookup(tuning.cache_key(name, "contig", x.dtype, group_size, m, n, k))
+    config = tuning.lookup_call(name, variant, x.dtype, group_size, m, n, k)
     if config is None:
         with torch.cuda.device(x.device):  # timing events and weight copies on x's device
             copies = tuning.weight_copies(weights)

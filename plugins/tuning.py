@@ -114,6 +114,20 @@ def lookup(key: str) -> Config | None:
     return _CACHE.get(key)
 
 
+def lookup_call(device: str, variant: str, dtype: torch.dtype, group_size: int, m: int, n: int,
+                k: int) -> Config | None:
+    """The cached choice for a call, or where its variant has none, the contiguous layer's wherever that runs the same
+    GEMM: a g_idx layer shares the kernel's structure, and a permuted input on the tensor-core path is gathered by the
+    X preparation, which that path runs anyway.  (On the CUDA-core path the gather adds that launch, which moves the
+    best choice: a permuted layer is then tuned on its own.)"""
+    config = lookup(cache_key(device, variant, dtype, group_size, m, n, k))
+    if config is None and variant != "contig":
+        contig = lookup(cache_key(device, "contig", dtype, group_size, m, n, k))
+        if contig is not None and (variant == "gidx" or contig.use_dot):
+            return contig
+    return config
+
+
 def choose(key: str, cands: list[Config], run: Callable[[Config, int], None], copies: int) -> Config:
     """Cached choice, else (outside graph capture, unless TPAWARE_AUTOTUNE=0) time every candidate.
 

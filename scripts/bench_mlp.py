@@ -54,8 +54,8 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 L2_BYTES = 50 * 2**20
 ALL_REDUCE_TEXT = {"nccl": "NCCL",
                    "one-shot": "PyTorch symmetric-memory one-shot (`torch.ops.symm_mem.one_shot_all_reduce`)",
-                   "peer": "tpaware one-shot over symmetric memory (`plugins/allreduce.py`: each rank writes its part into "
-                           "its peers' memory, fp16 as it is)"}
+                   "peer": "tpaware one-shot over symmetric memory (`plugins/allreduce.py`: each rank writes its part "
+                           "into its peers' memory, fp16 as it is)"}
 
 
 @dataclass

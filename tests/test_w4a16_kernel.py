@@ -260,6 +260,30 @@ def test_tuning_candidates_and_cache_file(tmp_path, monkeypatch):
     assert tuning._CACHE == {**saved, **other}
 
 
+def test_a_call_without_a_choice_of_its_own_takes_the_contiguous_layers_where_the_gemm_is_the_same(monkeypatch):
+    """g_idx: always; a permuted input: only where the contiguous choice is a tensor-core tile (its X preparation does
+    the gather either way); the FMA path's choice moves with the gather's extra launch, so there it is tuned anew."""
+    pytest.importorskip("triton")
+    from plugins import tuning, w4a16
+
+    monkeypatch.setattr(tuning, "_CACHE", {})
+    monkeypatch.setattr(tuning, "_LOADED", True)  # no shipped choices
+    dot, fma = w4a16.Config(16, 128, 128, 2, True, False, 4, 4), w4a16.Config(1, 64, 128, 4, False, True, 4, 3)
+    own = w4a16.Config(16, 64, 128, 1, True, False, 4, 3)
+    for m, config in ((16, dot), (1, fma)):
+        tuning._CACHE[tuning.cache_key("card", "contig", torch.float16, 128, m, 4096, 8192)] = config
+    tuning._CACHE[tuning.cache_key("card", "perm", torch.float16, 128, 16, 2048, 8192)] = own
+    tuning._CACHE[tuning.cache_key("card", "contig", torch.float16, 128, 16, 2048, 8192)] = dot
+
+    def call(variant, m, n=4096):
+        return tuning.lookup_call("card", variant, torch.float16, 128, m, n, 8192)
+
+    assert call("gidx", 16) == dot and call("gidx", 1) == fma
+    assert call("perm", 16) == dot and call("perm", 1) is None
+    assert call("perm", 16, n=2048) == own  # a choice of its own comes first
+    assert call("perm", 16, n=1024) is None and call("contig", 2) is None
+
+
 def test_to_kernel_layout_validates():
     gen, _ = _generator()
     weights, _ = random_layer(256, 64, 64, generator=gen)
