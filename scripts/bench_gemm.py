@@ -153,10 +153,10 @@ def bench_shape(shape: Shape, l2: int, gen: torch.Generator, check: bool, varian
                 xr = x[:, perm] if "in_perm" in extra else x
                 row[name] = relative_error(out, xr.double() @ ref)
         timed = {"us": (ours, copies)}  # column -> (make_call, copies)
-        if variants:  # the fused gather is tuned on its own (its FMA path reads X prepared by a second kernel)
+        if variants:  # the fused gather: the contiguous choice if a tensor-core tile, else its own (lookup_call)
             op(x, weights[0]["qweight"], weights[0]["qzeros"], weights[0]["scales"], GROUP, perm)
-            perm_key = tuning.cache_key(ops._device_info(0)[0], "perm", torch.float16, GROUP, m, shape.n, shape.k)
-            row["config_perm"] = asdict(tuning.lookup(perm_key))
+            row["config_perm"] = asdict(tuning.lookup_call(ops._device_info(0)[0], "perm", torch.float16, GROUP, m,
+                                                           shape.n, shape.k))
             timed["us_perm"] = (lambda i, x=x: (lambda: op(
                 x, weights[i]["qweight"], weights[i]["qzeros"], weights[i]["scales"], GROUP, perm)), copies)
             timed["us_gidx"] = (lambda i, x=x: (lambda: w4a16_matmul(x, weights[i], GROUP, config, g_idx=gi)), copies)
