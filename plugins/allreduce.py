@@ -31,7 +31,7 @@ MAX_PROGRAMS = 256  # parities kept per rank; larger tensors are refused (the ca
 MAX_NUMEL = BLOCK * MAX_PROGRAMS  # 512 Ki elements: 1 MiB in fp16, well past where one-shot stops paying
 EMPTY = -1  # the bits of an element no peer has written (all ones, in 16 or 32 bits alike: a NaN)
 SENT_FOR_EMPTY = -2  # what a value whose bits are EMPTY travels as (a NaN too)
-_BITS = {2: (torch.int16, tl.int16), 4: (torch.int32, tl.int32)}  # element size -> the integer view of its bits
+_BITS = {2: torch.int16, 4: torch.int32}  # element size -> the integer view of its bits
 
 
 @triton.jit
@@ -73,6 +73,7 @@ def fits(t: torch.Tensor) -> bool:
 
 
 def refuse_unless_it_fits(t: torch.Tensor) -> None:
+    """ValueError naming what `t` is, unless it `fits`."""
     if not fits(t):
         raise ValueError(f"one-shot all-reduce takes at most {MAX_NUMEL} elements of 2 or 4 bytes, got {t.numel()} "
                          f"of {t.dtype}")
@@ -87,7 +88,7 @@ def one_shot_all_reduce(x: torch.Tensor, out: torch.Tensor, buf_ptrs: torch.Tens
     refuse_unless_it_fits(x)
     pdl = pdl_enabled(x.device)
     _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
-        x.view(_BITS[x.element_size()][0]), out, buf_ptrs, parities, n, rank, WORLD=world, MAX_NUMEL=MAX_NUMEL,
+        x.view(_BITS[x.element_size()]), out, buf_ptrs, parities, n, rank, WORLD=world, MAX_NUMEL=MAX_NUMEL,
         BLOCK=BLOCK, EMPTY=EMPTY, SENT_FOR_EMPTY=SENT_FOR_EMPTY, PDL=pdl, num_warps=8, launch_pdl=pdl)
     return out
 
