@@ -268,7 +268,16 @@ def init_rank(rank: int, tp: int, device_kind: str, port: int) -> torch.device:
     return device
 
 
+def use_shape(shape: tuple[int, int] | None) -> None:
+    """`--shape`: every model's (hidden, intermediate) replaced, in each process (spawned workers import this module
+    afresh, so the main process's change does not reach them)."""
+    if shape:
+        for name, (_, _, act) in list(MODELS.items()):
+            MODELS[name] = (*shape, act)
+
+
 def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str) -> None:
+    use_shape(args.shape)
     device = init_rank(rank, tp, args.device, port)
     all_reduce = nccl_all_reduce  # and gloo's on the CPU
     if tp > 1 and args.device == "cuda" and args.all_reduce == "one-shot":
@@ -292,7 +301,8 @@ def worker(rank: int, tp: int, args: argparse.Namespace, port: int, results: str
                     err = ((mlp(x).float() - reference).norm() / reference.norm()).item()
                     err = slowest(err, device)
                     assert err < args.tolerance, f"{model} {mode}: relative error {err:.2e}"
-                    rows.append({"model": model, "tp": tp, "mode": mode, "check_rel_err": err})
+                    rows.append({"model": model, "shape": list(MODELS[model][:2]), "tp": tp, "mode": mode,
+                                 "check_rel_err": err})
             del w1_ref, w2_ref
             for mode, mlp in modes.items():
                 copies_of[mode].append(mlp)
@@ -394,9 +404,7 @@ def main() -> None:
     parser.add_argument("--shape", type=lambda s: tuple(int(v) for v in s.split(",")),
                         help="hidden,intermediate: replace the models' sizes (for quick checks)")
     args = parser.parse_args()
-    if args.shape:
-        for name, (_, _, act) in list(MODELS.items()):
-            MODELS[name] = (*args.shape, act)
+    use_shape(args.shape)
     # fp16 on GPUs; fp32 on CPU, where the check is exact up to fp32 rounding
     args.dtype, args.tolerance = (torch.float16, 1e-2) if args.device == "cuda" else (torch.float32, 1e-5)
     def env() -> dict:
@@ -405,7 +413,8 @@ def main() -> None:
 
     rows = run_per_tp(worker, args, 29500, lambda rows: write_results(args.out, env(), rows))
     if args.device == "cpu":
-        print("\n".join(f"{r['model']} tp={r['tp']} {r['mode']}: rel err {r['check_rel_err']:.2e}" for r in rows))
+        print("\n".join(f"{r['model']} {r['shape'][0]}x{r['shape'][1]} tp={r['tp']} {r['mode']}: rel err "
+                        f"{r['check_rel_err']:.2e}" for r in rows))
         return
     print(markdown(env(), rows))
 
