@@ -88,6 +88,14 @@ def test_silu_mul_of_the_fused_gate_up_halves_matches_fp64(dtype, batch, t, widt
     _within_ulps(got, want, dtype, ulps=1.0)
 
 
+def test_silu_mul_refuses_halves_that_do_not_match():
+    gate = torch.zeros(2, 8, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        fused.silu_mul(gate, gate[:, :4])
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        fused.silu_mul(gate, gate.float())
+
+
 def test_rope_refuses_an_odd_head_size():
     x = torch.zeros(1, 2, 1, 63, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="D even"):
