@@ -6,11 +6,12 @@
 #   validate  `tpaware validate` with NCCL in fp16 (scripts/gpu_validate.sh) at every TP: OUT_DIR/validate.log and the
 #             JSON reports in OUT_DIR/validate-reports.tar.gz
 #   decode    the decode benchmark (scripts/bench_decode.py) at every TP: OUT_DIR/decode.{json,md,log}
+#   allreduce the all-reduce benchmark (scripts/bench_allreduce.py) at every TP above 1: OUT_DIR/allreduce.{json,md,log}
 # Where the image lacks typer/rich (the CLI's), wheels carried in .whl/ are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: $0 mlp|validate|decode OUT_DIR [TP ...]}
-out=${2:?usage: $0 mlp|validate|decode OUT_DIR [TP ...]}
+step=${1:?usage: $0 mlp|validate|decode|allreduce OUT_DIR [TP ...]}
+out=${2:?usage: $0 mlp|validate|decode|allreduce OUT_DIR [TP ...]}
 shift 2
 tps=("$@")
 [ $# -eq 0 ] && tps=(1 2)
@@ -38,5 +39,11 @@ case $step in
     timeout "${STEP_TIMEOUT:-560}" python3 scripts/bench_decode.py --tp "$csv" --batch 1,2,4,8,16 --layers 2 \
       --reps 200 --out "$out/decode" > "$out/decode.log" 2>&1
     echo "== decode: exit $?, $((SECONDS - start)) s"; tail -40 "$out/decode.log" ;;
-  *) echo "unknown step '$step' (mlp, validate or decode)"; exit 2 ;;
+  allreduce)
+    multi=$(IFS=,; tp=(); for t in "${tps[@]}"; do [ "$t" -gt 1 ] && tp+=("$t"); done; echo "${tp[*]}")
+    [ -n "$multi" ] || { echo "== allreduce: needs a TP above 1"; exit 2; }
+    timeout "${STEP_TIMEOUT:-560}" python3 scripts/bench_allreduce.py --tp "$multi" --out "$out/allreduce" \
+      > "$out/allreduce.log" 2>&1
+    echo "== allreduce: exit $?, $((SECONDS - start)) s"; tail -12 "$out/allreduce.log" ;;
+  *) echo "unknown step '$step' (mlp, validate, decode or allreduce)"; exit 2 ;;
 esac
