@@ -35,12 +35,16 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, H, stride_x, stride_o, eps, BLOCK: t
     tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dimension] with unit stride along it (a view where one exists: rows may be strided)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm over the last dimension of `x` (any leading shape), into `out` (contiguous, x's shape) if given."""
     h = x.shape[-1]
-    rows = x.reshape(-1, h)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     block = triton.next_power_of_2(h)
     _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, h, rows.stride(0), h, eps, BLOCK=block,
@@ -103,7 +107,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
         raise ValueError(f"silu_mul takes gate and up of one shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
                          f"and {tuple(up.shape)} {up.dtype}")
     n = gate.shape[-1]
-    gate_rows, up_rows = (t.reshape(-1, n) if t.stride(-1) == 1 else t.contiguous().view(-1, n) for t in (gate, up))
+    gate_rows, up_rows = _rows(gate), _rows(up)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if out is None else out
     block = min(1024, triton.next_power_of_2(n))
     _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(n, block))](gate_rows, up_rows, out, n, gate_rows.stride(0),
