@@ -274,8 +274,10 @@ def _pid_then(action: str, pid_dir: str, comm: Comm, device: torch.device) -> di
 def test_launcher_leaves_no_process(tmp_path, action, tp, error):
     """A rank's bad input surfaces as the InputError the CLI prints; a hung rank hits the deadline; either way every
     rank process is gone when `run_ranks` returns."""
+    # The hang deadline leaves room for the rank to start (spawn, import torch) on a loaded machine: at 10 s, under
+    # pytest -n 8 on a 16-core GPU host, the deadline came before the rank had written its pid.
     with pytest.raises(error):
-        run_ranks(tp, partial(_pid_then, action, str(tmp_path)), timeout=10 if action == "hang" else 120)
+        run_ranks(tp, partial(_pid_then, action, str(tmp_path)), timeout=30 if action == "hang" else 120)
     pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
     assert pids
     for pid in pids:
