@@ -312,19 +312,23 @@ def test_run_command_refuses_bad_input(engine):
 def test_attention_of_a_cached_step_is_the_softmax_over_visible_keys():
     """The cache's mask as `Transformer.step` turns it into a bias, and `attend` (PyTorch's fused attention), give for
     queries at positions 3..5 of a static cache of 8 slots exactly softmax(q k^T / sqrt(d)) v over slots 0..p,
-    written out in fp64: a wrong mask polarity, a slot off by one or another scale fails it."""
+    written out in fp64, with 6 q heads over 2 kv heads (q head h reads kv head h // 3): a wrong mask polarity, a slot
+    off by one, another scale or a q head paired with the wrong kv head fails it."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, n, 16, dtype=torch.float64, generator=gen) for n in (3, 8, 8))
-    cache = StaticKVCache(layers=1, batch=2, kv_heads=4, max_len=8, head_dim=16, dtype=torch.float64)
+    q = torch.randn(2, 6, 3, 16, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(2, 2, 8, 16, dtype=torch.float64, generator=gen) for _ in range(2))
+    cache = StaticKVCache(layers=1, batch=2, kv_heads=2, max_len=8, head_dim=16, dtype=torch.float64)
     cache.advance(3)
     positions = cache.positions(3, torch.device("cpu"))
     visible = cache.mask(positions)
     assert visible.tolist() == causal_mask(torch.tensor([3, 4, 5]), 8).tolist()
     bias = attention_bias(visible, torch.float64)
     expected = torch.empty_like(q)
+    kv_of = torch.arange(6) // 3
     for t, p in enumerate(range(3, 6)):
-        scores = q[:, :, t : t + 1] @ k[:, :, : p + 1].transpose(-1, -2) / 4.0  # [2, 4, 1, p + 1]; sqrt(16) = 4
-        expected[:, :, t : t + 1] = torch.softmax(scores, dim=-1) @ v[:, :, : p + 1]
+        keys, values = k[:, kv_of, : p + 1], v[:, kv_of, : p + 1]  # [2, 6, p + 1, 16]
+        scores = q[:, :, t : t + 1] @ keys.transpose(-1, -2) / 4.0  # [2, 6, 1, p + 1]; sqrt(16) = 4
+        expected[:, :, t : t + 1] = torch.softmax(scores, dim=-1) @ values
     assert torch.allclose(attend(q, k, v, bias), expected, atol=1e-12)
 
 
