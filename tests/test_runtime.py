@@ -322,7 +322,7 @@ def test_attention_of_a_cached_step_is_the_softmax_over_visible_keys():
     positions = cache.positions(3, torch.device("cpu"))
     visible = cache.mask(positions)
     assert visible.tolist() == causal_mask(torch.tensor([3, 4, 5]), 8).tolist()
-    bias = attention_bias(visible, torch.float64)
+    bias = attention_bias(visible, torch.float64, group=3)
     expected = torch.empty_like(q)
     kv_of = torch.arange(6) // 3
     for t, p in enumerate(range(3, 6)):

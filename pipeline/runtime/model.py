@@ -141,10 +141,11 @@ class Transformer:
 
     def step(self, positions: torch.Tensor, cache: Cache, dtype: torch.dtype) -> Step:
         """What every layer's attention shares in one forward, computed once (a decode step is mostly small kernels):
-        the mask, as the additive bias attention takes (0 where visible, -inf elsewhere), and the RoPE tables, both in
-        the activations' dtype."""
+        the mask, as the additive bias attention takes (0 where visible, -inf elsewhere; one row per folded query row,
+        see `attend`), and the RoPE tables, both in the activations' dtype."""
         rope = None if self.arch is GPT_BIGCODE else rope_tables(self.config, positions, self.dims.head_dim, dtype)
-        return Step(positions, cache, attention_bias(cache.mask(positions), dtype), rope)
+        group = self.heads.q_count // self.heads.kv_count
+        return Step(positions, cache, attention_bias(cache.mask(positions), dtype, group), rope)
 
     def _fuses(self, x: torch.Tensor) -> bool:
         """Whether `x` goes through the fused kernels: a GPU tensor in fp16/bf16, with the kernels on."""
@@ -206,7 +207,7 @@ class Transformer:
 
 @dataclass(frozen=True)
 class Step:
-    """One forward's positions, cache, attention bias [T, S] and RoPE (cos, sin) [T, head_dim] (None without RoPE)."""
+    """One forward's positions, cache, attention bias [group T, S] and RoPE (cos, sin) [T, head_dim] (None without RoPE)."""
 
     positions: torch.Tensor
     cache: Cache
@@ -248,23 +249,23 @@ def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
     return torch.arange(length, device=positions.device)[None, :] <= positions[:, None]
 
 
-def attention_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The additive form of a [T, S] mask that `attend` takes: 0 where visible, -inf elsewhere."""
+def attention_bias(visible: torch.Tensor, dtype: torch.dtype, group: int) -> torch.Tensor:
+    """The additive form of a [T, S] mask that `attend` takes for `group` q heads per kv head: 0 where visible, -inf
+    elsewhere, its rows repeated once per q head of the group ([group T, S]; made once per forward, not per layer)."""
+    visible = visible.repeat(group, 1)
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Attention of T queries [B, Hq, T, d] over S keys [B, Hkv, S, d], q heads h g .. h g + g - 1 sharing kv head h
-    (g = Hq / Hkv), `bias` [T, S] (0 or -inf) added to the scores; any dtype, fp64 included.
+    (g = Hq / Hkv), `bias` [g T, S] (0 or -inf, from `attention_bias`) added to the scores; any dtype, fp64 included.
 
     The g query heads of a kv head attend as g T query rows of that one head, so the cache is read once per kv head
     and never copied out per q head (that copy was a third of a batch-16 decode step of the Llama-70B shapes on
     H100).  PyTorch's fused kernel on GPUs (scores and softmax in fp32 inside it), where writing the scores, mask,
     softmax and casts out as separate ops made them most of a decode step's kernels; its plain math on the CPU."""
-    b, hq, t, d = q.shape
-    g = hq // k.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(b, -1, g * t, d), k, v, attn_mask=bias.repeat(g, 1))
-    return out.reshape(b, hq, t, d)
+    out = F.scaled_dot_product_attention(q.reshape(q.shape[0], k.shape[1], -1, q.shape[-1]), k, v, attn_mask=bias)
+    return out.reshape(q.shape)
 
 
 def fused_kernels():
