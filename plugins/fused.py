@@ -2,10 +2,10 @@
 glue around the GEMMs.
 
 At batch 1 a decode step is mostly small kernels: a 2-layer Llama-70B-shaped step at tp=1 on H100 launched 109, of
-which 14 were GEMMs (benchmarks/decode_h100x2.md as of commit aebe954).  PyTorch runs an fp16 RMSNorm as five (to fp32, the norm, back to
-fp16, times the weight), a rotary embedding of a strided q or k as five more (two products, a negation, a
-concatenation, a sum), and silu(gate) * up as two, each a launch and a pass over memory.  Here each is one pass: read
-once, compute in fp32, write once.
+which 14 were GEMMs (benchmarks/decode_h100x2.md as of commit aebe954).  PyTorch runs an fp16 RMSNorm as five (to
+fp32, the norm, back to fp16, times the weight), a rotary embedding of a strided q or k as five more (two products, a
+negation, a concatenation, a sum), and silu(gate) * up as two, each a launch and a pass over memory.  Here each is
+one pass: read once, compute in fp32, write once.
 
 Numerics: `rms_norm` rounds where PyTorch's sequence does (the normalised row to the activations' dtype, then the
 product with the weight), so it matches it up to the last bit of an fp32 reciprocal square root; `rope` computes

@@ -476,8 +476,10 @@ class Config:
     # leave a last round half empty.
     programs: int = 0
     # Hopper: the dot path as the warp-specialized Gluon kernel (`w4a16_ws.py`, a TMA ring of `num_stages` slots,
-    # `split_k` programs per tile); calls it cannot run (`w4a16_ws.supported`) take this tile on the `tl` kernel.
+    # `split_k` programs per tile, `warpgroups` consumer warpgroups taking alternate K steps); calls it cannot run
+    # (`w4a16_ws.supported`) take this tile on the `tl` kernel.
     warp_specialized: bool = False
+    warpgroups: int = 1
 
     def grid(self, m: int, n: int, k: int) -> tuple[int, int]:
         """(programs, output tiles) of a launch on [m, k] x [k, n]: stream-K runs one program per tile at least, and
@@ -570,7 +572,7 @@ def w4a16_matmul(
         ws = locks.view(torch.float32)
     if config.warp_specialized:
         w4a16_ws.launch(x, xsum, weights, group_size, k, config.split_k, config.num_stages, PAIR_MAGIC[out.dtype], out,
-                        ws, locks)
+                        ws, locks, config.warpgroups)
         return out
     w4a16_kernel[(programs,)](
         x, xsum, qweight, weights["qzeros"], weights["scales"],

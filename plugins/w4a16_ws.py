@@ -19,6 +19,8 @@ times it next to the `tl` candidates and keeps whichever is faster per shape.
 
 Split-K only: the programs of one tile each take an equal K range and the last to finish sums the fp32 partials in
 program order (deterministic), as `w4a16._finish_tile` does; stream-K ranges that cross tiles measured slower here.
+Where the tiles about match the SMs, a program may instead run two consumer warpgroups on alternate K steps of one
+ring (`warpgroups=2`, one program per SM), which streams a whole tile without a split.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ BLOCK_K = 128  # K rows per step: one group of 128 rows (group sizes that are mu
 MAXNREG = 80  # registers per thread at launch: 3 programs per SM; the consumer warps then take 136, the producer 24
 PER_SM = 3  # programs resident per SM (registers above; shared memory 50 KiB each at 4 stages)
 STAGES = 4  # ring slots the tuner uses: 3, 4 and 6 measured within 2-8% of each other, 4 best or level
+# Two consumer warpgroups taking alternate K steps from one ring (`warpgroups=2`): one program per SM, so a layer
+# whose tiles about match the SMs streams with no split-K (Llama-70B gate+up at tp=4, 112 tiles: 1.5-2.4 µs faster
+# at M=1, 0.5-1.2 at M=2..16, on H100, plugins/NOTES.md "Session 12").  Registers at launch for its 9 warps (the
+# second warpgroup then takes SHARED_REGS, the first the rest); ring depth, a multiple of 2 (a slot always serves
+# the same warpgroup).
+SHARED_MAXNREG = 128
+SHARED_REGS = gl.constexpr(152)
+SHARED_STAGES = 8
 ZERO_WORDS = 32  # packed zero points per ring slot: 16 used, the slot padded to 128 bytes (TMA destination alignment)
 _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier  # the name in Triton 3.7 / 3.6
 
@@ -166,9 +176,9 @@ def _zero_points(tile, num_warps: gl.constexpr):
 
 @gluon.jit
 def _consume(w_smem, x_smem, s_smem, z_smem, ready, empty, xsum_ptr, offs_m, mask_m, first, last, xsum_stride, magic,
-             num_warps: gl.constexpr):
-    """Consumer warpgroup: acc^T [BN, 16] over K steps first..last-1, (q X 2^P / XS - (z + OFFSET) sum(X)) s per step
-    as in `w4a16._dot_step`."""
+             C: gl.constexpr, WARPGROUPS: gl.constexpr, num_warps: gl.constexpr):
+    """Consumer warpgroup C of WARPGROUPS: acc^T [BN, 16] over K steps first + C, first + C + WARPGROUPS, ... below
+    last, (q X 2^P / XS - (z + OFFSET) sum(X)) s per step as in `w4a16._dot_step`."""
     BN: gl.constexpr = w_smem.type.shape[2]
     STAGES: gl.constexpr = w_smem.type.shape[0]
     dtype: gl.constexpr = x_smem.dtype
@@ -181,7 +191,7 @@ def _consume(w_smem, x_smem, s_smem, z_smem, ready, empty, xsum_ptr, offs_m, mas
         OFFSET: gl.constexpr = 128.0
     zero = gl.zeros([BN, 16], gl.float32, mma)
     acc = gl.zeros([BN, 16], gl.float32, mma)
-    for step in range(first, last):
+    for step in range(first + C, last, WARPGROUPS):
         i = step - first
         slot = i % STAGES
         xsum = gl.load(xsum_ptr + offs_m * xsum_stride + step, mask=mask_m, other=0.0)
@@ -198,19 +208,36 @@ def _consume(w_smem, x_smem, s_smem, z_smem, ready, empty, xsum_ptr, offs_m, mas
 
 
 @gluon.jit
-def _consume_and_store(w_smem, x_smem, s_smem, z_smem, ready, empty, xsum_ptr, out_ptr, ws_ptr, lock_ptr, tile, m0,
-                       n0, first, last, SPLIT: gl.constexpr, M, N, stride_om, xsum_stride, magic,
-                       num_warps: gl.constexpr):
-    """The consumer partition: its tile's K range, then the tile stored, or published as this program's partial
-    (the last of the tile's SPLIT programs to arrive sums them in program order and resets the counter; SPLIT is a
-    compile-time constant so that it issues all SPLIT loads at once: 0.3-1.7 µs faster than a loop over a run-time
-    count, plugins/NOTES.md "Session 9")."""
+def _consume_and_hand_over(w_smem, x_smem, s_smem, z_smem, ready, empty, shared, done, xsum_ptr, m0, first, last, M,
+                           xsum_stride, magic):
+    """The second consumer warpgroup: every other K step, its sum handed to the first through shared memory."""
+    num_warps: gl.constexpr = 4
+    mma: gl.constexpr = _mma_layout(num_warps)
+    offs_m = m0 + gl.arange(0, 16, layout=gl.SliceLayout(0, mma))
+    acc = _consume(w_smem, x_smem, s_smem, z_smem, ready, empty, xsum_ptr, offs_m, offs_m < M, first, last,
+                   xsum_stride, magic, 1, 2, num_warps)
+    shared.store(acc)
+    _cta_barrier()  # the warpgroup's stores are written before one of its threads arrives
+    mbarrier.arrive(done, count=1)
+
+
+@gluon.jit
+def _consume_and_store(w_smem, x_smem, s_smem, z_smem, ready, empty, shared, done, xsum_ptr, out_ptr, ws_ptr,
+                       lock_ptr, tile, m0, n0, first, last, SPLIT: gl.constexpr, M, N, stride_om, xsum_stride, magic,
+                       WARPGROUPS: gl.constexpr, num_warps: gl.constexpr):
+    """The first consumer warpgroup: its K steps (with WARPGROUPS = 2 every other one, plus the second warpgroup's
+    sum), then the tile stored, or published as this program's partial (the last of the tile's SPLIT programs to
+    arrive sums them in program order and resets the counter; SPLIT is a compile-time constant so that it issues all
+    SPLIT loads at once: 0.3-1.7 µs faster than a loop over a run-time count, plugins/NOTES.md "Session 9")."""
     BN: gl.constexpr = w_smem.type.shape[2]
     mma: gl.constexpr = _mma_layout(num_warps)
     offs_m = m0 + gl.arange(0, 16, layout=gl.SliceLayout(0, mma))
     offs_n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     acc = _consume(w_smem, x_smem, s_smem, z_smem, ready, empty, xsum_ptr, offs_m, offs_m < M, first, last,
-                   xsum_stride, magic, num_warps)
+                   xsum_stride, magic, 0, WARPGROUPS, num_warps)
+    if WARPGROUPS == 2:
+        mbarrier.wait(done, 0)
+        acc += shared.load(mma)
     rows_in = gl.expand_dims(offs_m < M, 0)
     offs_o = gl.expand_dims(offs_n, 1) + gl.expand_dims(offs_m, 0) * stride_om
     if SPLIT == 1:
@@ -232,9 +259,9 @@ def _consume_and_store(w_smem, x_smem, s_smem, z_smem, ready, empty, xsum_ptr, o
 @gluon.jit
 def w4a16_ws_kernel(w_desc, x_desc, s_desc, z_desc, xsum_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, stride_om,
                     xsum_stride, magic, GROUP_SIZE: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    WARPGROUPS: gl.constexpr, num_warps: gl.constexpr):
     """Program p: output tile p // SPLIT (16-row M tiles fastest, so a weight tile's M tiles share it through L2),
-    K range p % SPLIT of SPLIT equal ones."""
+    K range p % SPLIT of SPLIT equal ones, consumed by WARPGROUPS (1 or 2) warpgroups."""
     BN: gl.constexpr = w_desc.block_type.shape[1]
     BK: gl.constexpr = x_desc.block_type.shape[1]
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -243,9 +270,13 @@ def w4a16_ws_kernel(w_desc, x_desc, s_desc, z_desc, xsum_ptr, out_ptr, ws_ptr, l
     z_smem = gl.allocate_shared_memory(z_desc.dtype, [STAGES] + z_desc.block_type.shape, z_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    SHARED_ROWS: gl.constexpr = BN if WARPGROUPS == 2 else 1  # the second warpgroup's sum (none with one)
+    shared = gl.allocate_shared_memory(gl.float32, [SHARED_ROWS, 16], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for j in gl.static_range(STAGES):
         mbarrier.init(ready.index(j), count=1)
         mbarrier.init(empty.index(j), count=1)
+    mbarrier.init(done, count=1)
     m_tiles = gl.cdiv(M, 16)
     steps = K // BK
     tile = gl.program_id(0) // SPLIT
@@ -254,12 +285,24 @@ def w4a16_ws_kernel(w_desc, x_desc, s_desc, z_desc, xsum_ptr, out_ptr, ws_ptr, l
     last = (j + 1) * steps // SPLIT
     m0 = (tile % m_tiles) * 16
     n0 = (tile // m_tiles) * BN
-    gl.warp_specialize([
-        (_consume_and_store, (w_smem, x_smem, s_smem, z_smem, ready, empty, xsum_ptr, out_ptr, ws_ptr, lock_ptr, tile,
-                              m0, n0, first, last, SPLIT, M, N, stride_om, xsum_stride, magic, num_warps)),
-        (_produce, (w_desc, x_desc, s_desc, z_desc, w_smem, x_smem, s_smem, z_smem, ready, empty, m0, n0, first, last,
-                    N, GROUP_SIZE)),
-    ], [1], [24])
+    if WARPGROUPS == 1:
+        gl.warp_specialize([
+            (_consume_and_store, (w_smem, x_smem, s_smem, z_smem, ready, empty, shared, done, xsum_ptr, out_ptr, ws_ptr,
+                                  lock_ptr, tile, m0, n0, first, last, SPLIT, M, N, stride_om, xsum_stride, magic, 1,
+                                  num_warps)),
+            (_produce, (w_desc, x_desc, s_desc, z_desc, w_smem, x_smem, s_smem, z_smem, ready, empty, m0, n0, first,
+                        last, N, GROUP_SIZE)),
+        ], [1], [24])
+    else:
+        gl.warp_specialize([
+            (_consume_and_store, (w_smem, x_smem, s_smem, z_smem, ready, empty, shared, done, xsum_ptr, out_ptr, ws_ptr,
+                                  lock_ptr, tile, m0, n0, first, last, SPLIT, M, N, stride_om, xsum_stride, magic, 2,
+                                  num_warps)),
+            (_consume_and_hand_over, (w_smem, x_smem, s_smem, z_smem, ready, empty, shared, done, xsum_ptr, m0, first,
+                                      last, M, xsum_stride, magic)),
+            (_produce, (w_desc, x_desc, s_desc, z_desc, w_smem, x_smem, s_smem, z_smem, ready, empty, m0, n0, first,
+                        last, N, GROUP_SIZE)),
+        ], [4, 1], [SHARED_REGS, 24])
 
 
 def descriptors(xs: torch.Tensor, weights: dict[str, torch.Tensor]) -> tuple[TensorDescriptor, ...]:
@@ -275,12 +318,16 @@ def descriptors(xs: torch.Tensor, weights: dict[str, torch.Tensor]) -> tuple[Ten
 
 
 def launch(xs: torch.Tensor, xsum: torch.Tensor, weights: dict[str, torch.Tensor], group_size: int, k: int,
-           split: int, stages: int, magic: int, out: torch.Tensor, ws: torch.Tensor, locks: torch.Tensor) -> None:
+           split: int, stages: int, magic: int, out: torch.Tensor, ws: torch.Tensor, locks: torch.Tensor,
+           warpgroups: int = 1) -> None:
     """Y = X @ dequant(W) from X prepared by `w4a16._prep_x_kernel` for the dot path (`xs` [M, K_pad] in the pair
     order, `xsum` its row sums per BLOCK_K step); `ws` holds split x tiles fp32 partials when split > 1."""
+    if warpgroups not in (1, 2) or stages % warpgroups:
+        raise ValueError(f"warpgroups must be 1 or 2 and divide the ring's {stages} slots, got {warpgroups}")
     m, n = out.shape
     programs = triton.cdiv(m, 16) * (n // BLOCK_N) * split
     w4a16_ws_kernel[(programs,)](
         *descriptors(xs, weights), xsum, out, ws, locks, m, n, k, out.stride(0), xsum.stride(0), magic,
-        GROUP_SIZE=group_size, STAGES=stages, SPLIT=split, num_warps=4, maxnreg=MAXNREG,
+        GROUP_SIZE=group_size, STAGES=stages, SPLIT=split, WARPGROUPS=warpgroups, num_warps=4,
+        maxnreg=MAXNREG if warpgroups == 1 else SHARED_MAXNREG,
     )

@@ -243,10 +243,12 @@ def markdown(env: dict, copy_gbs: float, rows: list[dict]) -> str:
 
 
 def _config_text(cfg: dict) -> str:
-    """`fma|dot|ws MxNxK sSPLIT|pPROGRAMS wWARPS [pf] [px]`: split-K or a stream-K grid of PROGRAMS, pf prefetches by
-    hand, px is the FMA path's `prep_x`; ws is the tensor-core tile on the warp-specialized Gluon kernel."""
+    """`fma|dot|ws|ws2 MxNxK sSPLIT|pPROGRAMS wWARPS [pf] [px]`: split-K or a stream-K grid of PROGRAMS, pf prefetches
+    by hand, px is the FMA path's `prep_x`; ws is the tensor-core tile on the warp-specialized Gluon kernel, ws2 the
+    same with two consumer warpgroups."""
     grid = f"p{cfg['programs']}" if cfg.get("programs") else f"s{cfg['split_k']}"
-    path = "ws" if cfg.get("warp_specialized") else "dot" if cfg["use_dot"] else "fma"
+    ws = "ws2" if cfg.get("warpgroups", 1) == 2 else "ws"
+    path = ws if cfg.get("warp_specialized") else "dot" if cfg["use_dot"] else "fma"
     return (f"{path} {cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']} "
             f"{grid} w{cfg['num_warps']}{' pf' if cfg['prefetch'] else ''}"
             f"{' px' if cfg.get('prep_x') else ''}")

@@ -58,9 +58,10 @@ def compile_sm90(block_m, block_n, block_k, warps, use_dot, prefetch, dtype, per
                                                                           "launch_pdl": True})
 
 
-def compile_ws_sm90(dtype: str, group_size: int):
+def compile_ws_sm90(dtype: str, group_size: int, warpgroups: int = 1):
     """Compile the warp-specialized Gluon kernel (`plugins/w4a16_ws.py`) as `launch` would, at its tuner's ring depth
-    and split-K by 4: the signature comes from real TMA descriptors over small CPU tensors."""
+    and split-K by 4 (one consumer warpgroup), or with two consumer warpgroups, no split and their ring depth: the
+    signature comes from real TMA descriptors over small CPU tensors."""
     import torch
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -74,11 +75,13 @@ def compile_ws_sm90(dtype: str, group_size: int):
     sig = {name: mangle_type(d) for name, d in zip(("w_desc", "x_desc", "s_desc", "z_desc"), descs)}
     sig.update(xsum_ptr="*fp32", out_ptr=f"*{dtype}", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
                stride_om="i32", xsum_stride="i32", magic="i32", GROUP_SIZE="constexpr", STAGES="constexpr",
-               SPLIT="constexpr", num_warps="constexpr")
-    consts = {"GROUP_SIZE": group_size, "STAGES": w4a16_ws.STAGES, "SPLIT": 4, "num_warps": 4}
+               SPLIT="constexpr", WARPGROUPS="constexpr", num_warps="constexpr")
+    shared = warpgroups == 2
+    consts = {"GROUP_SIZE": group_size, "STAGES": w4a16_ws.SHARED_STAGES if shared else w4a16_ws.STAGES,
+              "SPLIT": 1 if shared else 4, "WARPGROUPS": warpgroups, "num_warps": 4}
     src = GluonASTSource(w4a16_ws.w4a16_ws_kernel, sig, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4,
-                                                                          "maxnreg": w4a16_ws.MAXNREG})
+    maxnreg = w4a16_ws.SHARED_MAXNREG if shared else w4a16_ws.MAXNREG
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
 
 
 def loop_body(sass: str) -> list[str]:
@@ -99,8 +102,8 @@ def analyse(spec: str, dtype: str, perm: bool, gidx: bool, group_size: int) -> d
     """Compile one config (`--config` syntax) and measure its K loop."""
     parts = spec.split(",")
     block_m, block_n, block_k, warps = map(int, parts[:4])
-    if parts[4] == "ws":
-        kernel = compile_ws_sm90(dtype, group_size)
+    if parts[4] in ("ws", "ws2"):
+        kernel = compile_ws_sm90(dtype, group_size, warpgroups=2 if parts[4] == "ws2" else 1)
     else:
         kernel = compile_sm90(block_m, block_n, block_k, warps, parts[4] == "dot", "pf" in parts[5:], dtype, perm,
                               gidx, group_size, prep_x="px" in parts[5:], stream_k="sk" in parts[5:])
@@ -144,8 +147,9 @@ def report(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append",
-                        help="block_m,block_n,block_k,warps,fma|dot|ws[,pf][,px][,sk] (pf: prefetch, px: FMA path with "
-                        "prepared X, sk: stream-K schedule; ws: the warp-specialized Gluon kernel, 16,128,128,4,ws)")
+                        help="block_m,block_n,block_k,warps,fma|dot|ws|ws2[,pf][,px][,sk] (pf: prefetch, px: FMA path "
+                        "with prepared X, sk: stream-K schedule; ws: the warp-specialized Gluon kernel, "
+                        "16,128,128,4,ws; ws2: the same with two consumer warpgroups)")
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--perm", action="store_true", help="fused X[:, perm] gather (FMA path: X prepared)")

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gemm_sass_report.py"
 DOT = ("16,128,128,4,dot", "16,64,128,4,dot", "16,256,64,8,dot", "16,128,128,4,dot,sk")
 WS = "16,128,128,4,ws"  # the warp-specialized Gluon kernel (plugins/w4a16_ws.py)
+WS2 = "16,128,128,4,ws2"  # the same with two consumer warpgroups
 FMA = ("1,64,128,4,fma,pf", "2,64,128,4,fma,pf,px")
 
 
@@ -36,7 +37,7 @@ def _report(*args: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reports() -> dict[str, dict]:
-    configs = [arg for spec in DOT + FMA + (WS,) for arg in ("--config", spec)]
+    configs = [arg for spec in DOT + FMA + (WS, WS2) for arg in ("--config", spec)]
     return {r["config"]: r for r in _report(*configs)}
 
 
@@ -57,6 +58,17 @@ def test_warp_specialized_loop_keeps_three_programs_per_sm(reports):
     assert not any(op.startswith(("LDL", "STL")) for op in r["opcodes"]), r
     assert r["shared_stores"] == 0 and r["registers"] <= 80, r
     assert r["per_weight"] < tl_loop["per_weight"], (r, tl_loop)
+
+
+def test_two_warpgroup_form_keeps_the_consumer_loop(reports):
+    """With two consumer warpgroups the loop is the one-warpgroup loop (each takes every other K step), with no local
+    memory and within the 128 registers at launch that `launch` asks for (`w4a16_ws.SHARED_MAXNREG`: one program of
+    9 warps per SM)."""
+    r, one = reports[WS2], reports[WS]
+    assert any(op.startswith("HGMMA") for op in r["opcodes"]), r
+    assert not any(op.startswith(("LDL", "STL")) for op in r["opcodes"]) and r["stack_bytes"] == 0, r
+    assert r["registers"] <= 128 and r["shared_stores"] == 0, r
+    assert abs(r["loop_instructions"] - one["loop_instructions"]) <= 8, (r, one)
 
 
 @pytest.mark.parametrize("spec", DOT + FMA)

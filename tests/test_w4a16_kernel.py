@@ -401,8 +401,9 @@ def test_bench_gemm_redraws_the_committed_plot(tmp_path):
     assert (tmp_path / "gemm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _ws_config(kernel, split: int):
-    return kernel.Config(16, 128, 128, split, True, False, 4, 4, warp_specialized=True)
+def _ws_config(kernel, split: int, warpgroups: int = 1):
+    return kernel.Config(16, 128, 128, split, True, False, 4, 4 * warpgroups, warp_specialized=True,
+                         warpgroups=warpgroups)
 
 
 @pytest.mark.parametrize("variant", ["contig", "gidx"])
@@ -427,7 +428,8 @@ def test_warp_specialized_config_without_gluon(kernel, monkeypatch):
 
 
 def test_tuner_tries_the_warp_specialized_kernel_only_where_it_runs():
-    """Split-K grids of the Gluon kernel while every program stays resident (3 per SM); none unless supported."""
+    """Split-K grids of the Gluon kernel while every program stays resident (3 per SM), two consumer warpgroups per
+    tile where the tiles fit one program per SM; none unless supported."""
     pytest.importorskip("triton")
     from plugins import tuning
 
@@ -439,6 +441,9 @@ def test_tuner_tries_the_warp_specialized_kernel_only_where_it_runs():
             if c.warp_specialized} == {1}  # 224 tiles
     assert {c.split_k for c in tuning.candidates(4, 8192, 14336, 132, warp_specialized=True)
             if c.warp_specialized} == {1, 2, 3, 4}  # 64 tiles
+    shared = [(c.split_k, c.num_stages % 2) for c in ws if c.warpgroups == 2]
+    assert shared == [(1, 0)]  # 112 tiles: one program per SM, an even ring
+    assert not any(c.warpgroups == 2 for c in tuning.candidates(1, 28672, 8192, 132, warp_specialized=True))
 
 
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -446,19 +451,20 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 
 @hopper
-@pytest.mark.parametrize("split", [1, 2, 3])
+@pytest.mark.parametrize(("split", "warpgroups"), [(1, 1), (2, 1), (3, 1), (1, 2), (3, 2)])
 @pytest.mark.parametrize("variant", ["contig", "perm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 5, 16, 20])
-def test_warp_specialized_kernel_matches_fp64(kernel, m, dtype, variant, split):
-    """The Gluon kernel: M past one 16-row tile (20), K ranges that split unevenly (3 into 16 steps), fused gather;
-    output NaN-poisoned first."""
+def test_warp_specialized_kernel_matches_fp64(kernel, m, dtype, variant, split, warpgroups):
+    """The Gluon kernel: M past one 16-row tile (20), K ranges that split unevenly (3 into 16 steps), fused gather,
+    one or two consumer warpgroups (split 3: ranges of 5 and 6 steps, taken 3 + 2 and 3 + 3); output NaN-poisoned
+    first."""
     from plugins import w4a16_ws
 
     gen, _ = _generator()
     weights = {k: t.cuda() for k, t in random_layer(2048, 384, 128, generator=gen)[0].items()}
     assert w4a16_ws.supported(torch.empty(1, device="cuda"), weights, 128, False)
-    _run_case(kernel, m, 2048, 384, 128, dtype, variant, _ws_config(kernel, split))
+    _run_case(kernel, m, 2048, 384, 128, dtype, variant, _ws_config(kernel, split, warpgroups))
 
 
 @hopper
