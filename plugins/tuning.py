@@ -79,7 +79,8 @@ def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False,
     Where the warp-specialized kernel can run the call (`warp_specialized`, see `w4a16_ws.supported`), its split-K
     grids are added for as long as every program is resident at once (3 per SM): a second round of programs measured
     1.56x slower (plugins/NOTES.md "Session 9"); and where the tiles fit one per SM, its form with two consumer
-    warpgroups per tile (one program per SM, no split: 1.5 µs faster on 112 tiles at M=1, "Session 12").
+    warpgroups per tile (one program per SM, no split: 1.5 µs faster on 112 tiles at M=1, "Session 12"), unless they
+    would leave half the SMs idle (64 tiles: 40-48 µs against 29-31 split by 4).
     """
     bucket = m_bucket(m)
     families: list[tuple[int, bool, tuple[tuple[int, int, int, bool], ...]]] = []
@@ -105,7 +106,7 @@ def candidates(m: int, n: int, k: int, num_sms: int, permuted: bool = False,
         out += [Config(16, w4a16_ws.BLOCK_N, w4a16_ws.BLOCK_K, split, True, False, 4, w4a16_ws.STAGES,
                        warp_specialized=True)
                 for split in (1, 2, 3, 4) if split == 1 or n_tiles * split <= w4a16_ws.PER_SM * num_sms]
-        if n_tiles <= num_sms:
+        if num_sms // 2 < n_tiles <= num_sms:
             out.append(Config(16, w4a16_ws.BLOCK_N, w4a16_ws.BLOCK_K, 1, True, False, 4, w4a16_ws.SHARED_STAGES,
                               warp_specialized=True, warpgroups=2))
     return out + [replace(c, prep_x=True) for c in out if not (c.use_dot or permuted)]
