@@ -276,7 +276,8 @@ def w4a16_ws_kernel(w_desc, x_desc, s_desc, z_desc, xsum_ptr, out_ptr, ws_ptr, l
     for j in gl.static_range(STAGES):
         mbarrier.init(ready.index(j), count=1)
         mbarrier.init(empty.index(j), count=1)
-    mbarrier.init(done, count=1)
+    if WARPGROUPS == 2:
+        mbarrier.init(done, count=1)
     m_tiles = gl.cdiv(M, 16)
     steps = K // BK
     tile = gl.program_id(0) // SPLIT

@@ -207,7 +207,8 @@ class Transformer:
 
 @dataclass(frozen=True)
 class Step:
-    """One forward's positions, cache, attention bias [group T, S] and RoPE (cos, sin) [T, head_dim] (None without RoPE)."""
+    """One forward's positions, cache, attention bias [group T, S] and RoPE (cos, sin) [T, head_dim] (None without
+    RoPE)."""
 
     positions: torch.Tensor
     cache: Cache
