@@ -22,6 +22,11 @@ import torch
 from pipeline.gptq.int4 import unpack_cols, unpack_rows
 
 NIBBLES = 8  # 4-bit values per int32 word
+GROUP_SIZES = (32, 64, 128)  # rows per group the kernel takes (groups along K, contiguous)
+# The kernel's bytes per µs by group size, relative to 128-row groups: Llama-70B's tp=2 down shard padded to each
+# (`pipeline.runtime.linear.kernel_groups`), 1 x H100, M 1..16: shorter K steps stream less well (plugins/NOTES.md
+# "Session 13").
+GROUP_SPEED = {32: 0.7, 64: 0.8, 128: 1.0}
 _FP32_CHUNK_ROWS = 4096  # rows dequantized at once in fp32, bounding the transient memory
 
 
@@ -36,8 +41,8 @@ def to_kernel_layout(
         raise TypeError("qweight and qzeros must be int32")
     if scales.dtype != torch.float16:
         raise TypeError(f"scales must be float16, got {scales.dtype}")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
     k8, n = qweight.shape
     g = scales.shape[0]
     if scales.shape != (g, n) or qzeros.shape != (g, n // NIBBLES) or n % NIBBLES:

@@ -21,11 +21,15 @@ from plugins.layout import NIBBLES, dequantize
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check(x: torch.Tensor, qweight: torch.Tensor) -> None:
+def _check(x: torch.Tensor, qweight: torch.Tensor, in_perm: torch.Tensor | None) -> None:
+    """x is [M, K]; or, gathered through `in_perm` (one input column per weight row), [M, any width]."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got shape {tuple(x.shape)}")
-    if x.shape[1] != qweight.shape[0] * NIBBLES:
-        raise ValueError(f"x has K={x.shape[1]} but qweight holds K={qweight.shape[0] * NIBBLES}")
+    k = qweight.shape[0] * NIBBLES
+    if in_perm is not None and in_perm.shape != (k,):
+        raise ValueError(f"in_perm has shape {tuple(in_perm.shape)} but qweight holds K={k}")
+    if in_perm is None and x.shape[1] != k:
+        raise ValueError(f"x has K={x.shape[1]} but qweight holds K={k}")
 
 
 def _reference_matmul(
@@ -53,8 +57,11 @@ def w4a16_gemm(
     in_perm: torch.Tensor | None = None,
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Y[M, N] = X[:, in_perm] @ ((q - z) * s); reference implementation (fp32) for non-CUDA devices."""
-    _check(x, qweight)
+    """Y[M, N] = X[:, in_perm] @ ((q - z) * s); reference implementation (fp32) for non-CUDA devices.
+
+    With `in_perm` (int [K], one input column per weight row) x may have any width: a layer padded to whole groups
+    reads more rows than its input has columns."""
+    _check(x, qweight, in_perm)
     weights = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
     return _reference_matmul(x, weights, group_size, in_perm, g_idx, torch.float32)
 
@@ -69,12 +76,11 @@ def _w4a16_gemm_cuda(
     in_perm: torch.Tensor | None = None,
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check(x, qweight)
+    _check(x, qweight, in_perm)
     weights = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
     from plugins import tuning  # imports Triton
 
-    m, k = x.shape
-    n = qweight.shape[1]
+    m, k, n = x.shape[0], qweight.shape[0] * NIBBLES, qweight.shape[1]
     if m == 0:
         return x.new_empty(0, n)
     if m > tuning.MAX_M or x.dtype not in KERNEL_DTYPES:
@@ -118,7 +124,7 @@ def _w4a16_gemm_fake(
     in_perm: torch.Tensor | None = None,
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check(x, qweight)
+    _check(x, qweight, in_perm)
     return x.new_empty(x.shape[0], qweight.shape[1])
 
 

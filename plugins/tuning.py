@@ -31,8 +31,10 @@ MAX_TUNING_COPIES = 64  # bounds a tiny layer's timing graph (64 calls); layers 
 _FMA_TILES = ((64, 128, 4, False), (64, 128, 4, True), (128, 128, 8, False), (128, 128, 8, True),
               (32, 128, 4, False), (64, 256, 4, True), (128, 256, 8, True), (64, 64, 4, True), (128, 64, 8, True))
 # dot tiles never prefetch by hand: Triton pipelines their weight loads (cp.async, num_stages)
+# (the 32-row K steps serve group 32, whose groups would otherwise change inside every K step and send the dot path
+# through its weight-by-weight dequantizing step: plugins/NOTES.md "Session 13")
 _DOT_TILES = ((128, 128, 8, False), (128, 128, 4, False), (256, 128, 8, False), (256, 64, 8, False),
-              (64, 128, 4, False))
+              (64, 128, 4, False), (256, 32, 8, False), (128, 32, 4, False))
 _STAGES = 3
 _STREAM_K_PER_SM = (2, 3, 4)
 FMA_MAX_M = 4  # above it each weight feeds so many FFMAs that the tensor cores win

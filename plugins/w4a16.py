@@ -545,7 +545,7 @@ def w4a16_matmul(
         config = replace(config, warp_specialized=False)
     if config.dequantizes(group_size, g_idx is not None):  # needs far more registers and shared memory
         config = replace(config, block_n=min(config.block_n, 64), num_stages=1)
-    m, k = x.shape
+    m, k = x.shape[0], qweight.shape[0] * 8  # with in_perm, x may be narrower or wider than the weight's K
     n = qweight.shape[1]
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -10,7 +10,8 @@ plan functions as `tpaware convert`, so the shapes and permutations are the conv
 - `naive` (the paper's baseline): W1 in checkpoint order; AllGather the intermediate, reorder by P2, take the local
   chunk; then the same down shard and AllReduce.
 - `local-sort` (what vLLM/TGI do): W1 and down split in checkpoint order; down rows sorted locally, keeping the
-  scales/zeros of every group its rows touch; general g_idx path; one AllReduce.
+  scales/zeros of every group its rows touch; the groups the split cuts padded to whole blocks, as the runtime runs
+  such a shard (`pipeline.runtime.linear.kernel_groups`); one AllReduce.
 - `dense`: fp16 weights through cuBLAS (`torch.matmul`), the unquantized baseline.
 
 Every quantized mode is first checked against an fp32 reference of the unsharded MLP. Timing: CUDA graphs (the
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.gptq.checkpoint import pack_layer  # noqa: E402
 from pipeline.gptq.layer import QuantLinear, dequantize, has_whole_groups, select  # noqa: E402
 from pipeline.plan import local_sort_row_layer, mlp_layers  # noqa: E402
+from pipeline.runtime.linear import kernel_groups  # noqa: E402
 from pipeline.synth import act_order_g_idx  # noqa: E402
 
 MODELS = {  # name: (hidden, intermediate, activation)
@@ -65,7 +67,6 @@ class Shard:
     tensors: dict[str, torch.Tensor]
     group_size: int
     in_perm: torch.Tensor | None
-    g_idx: torch.Tensor | None
 
     @property
     def nbytes(self) -> int:
@@ -73,8 +74,7 @@ class Shard:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         t = self.tensors
-        return torch.ops.tpaware.w4a16_gemm(x, t["qweight"], t["qzeros"], t["scales"], self.group_size,
-                                            self.in_perm, self.g_idx)
+        return torch.ops.tpaware.w4a16_gemm(x, t["qweight"], t["qzeros"], t["scales"], self.group_size, self.in_perm)
 
 
 class Dense:
@@ -102,10 +102,11 @@ def random_layer(k: int, n: int, group_size: int, g_idx: torch.Tensor, gen: torc
 def to_shard(layer: QuantLinear, rows: torch.Tensor, cols: torch.Tensor, in_perm: torch.Tensor | None) -> Shard:
     dev = layer.q.device
     part = select(layer, rows.to(dev), cols.to(dev))
+    in_perm = None if in_perm is None else in_perm.to(dev)
+    if not has_whole_groups(part.g_idx, part.group_size):  # groups cut by the split: padded, as the runtime does
+        part, in_perm = kernel_groups(part, in_perm)
     packed = pack_layer(part, "gptq_v2")
-    whole = has_whole_groups(part.g_idx, part.group_size)
-    return Shard({k: packed[k] for k in ("qweight", "qzeros", "scales")}, part.group_size,
-                 None if in_perm is None else in_perm.to(dev), None if whole else packed["g_idx"].to(dev))
+    return Shard({k: packed[k] for k in ("qweight", "qzeros", "scales")}, part.group_size, in_perm)
 
 
 def activation(name: str, a: torch.Tensor) -> torch.Tensor:

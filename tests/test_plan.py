@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline.arch import Dims
 from pipeline.gptq.checkpoint import read_checkpoint, write_checkpoint
-from pipeline.gptq.layer import dequantize, has_whole_groups, select
+from pipeline.gptq.layer import dequantize, has_whole_groups, pad_groups, select
 from pipeline.plan import column_layer, local_sort_row_layer, mlp_layers
 from pipeline.reference import reference_model
 from pipeline.runtime.comm import Comm
@@ -52,6 +52,28 @@ def test_sorted_sharded_column_layer_dequantizes_to_the_original_rows_and_column
         assert torch.equal(dequantize(shard), reference[plan.rows[r]][:, plan.cols[r]])
         assert has_whole_groups(shard.g_idx, group_size)
         assert shard.scales.shape == (k_groups, n // tp)
+
+
+@settings(max_examples=30, deadline=None)
+@given(group_size=GROUP_SIZES, tp=TPS, k_groups=st.integers(1, 6), block=GROUP_SIZES, seed=st.integers(0, 2**16))
+def test_local_sort_shards_padded_to_whole_groups_compute_the_same(group_size, tp, k_groups, block, seed):
+    """`pad_groups` on a local-sort shard (cut groups): whole groups of `block` rows, padding rows are exactly zero
+    weights, and the padded layer over its gathered input gives the shard's product in fp64."""
+    gen = torch.Generator().manual_seed(seed)
+    k = group_size * k_groups * tp
+    layer = synth_layer(k, 16, group_size, sym=False, generator=gen, desc_act=True)
+    plan = local_sort_row_layer(layer.g_idx, tp, "test")
+    x = torch.randn(3, k // tp, dtype=torch.float64, generator=gen)
+    for r in range(tp):
+        shard = _shard(layer, plan, r)
+        padded, source = pad_groups(shard, plan.in_perm[r], block)
+        assert has_whole_groups(padded.g_idx, block) and padded.q.shape[0] % block == 0
+        pad = source == shard.in_features
+        assert int((~pad).sum()) == shard.in_features
+        weight = dequantize(padded)
+        assert torch.equal(weight[pad], torch.zeros_like(weight[pad]))
+        expected = _apply(x, layer, plan, r)
+        torch.testing.assert_close(x[:, torch.where(pad, 0, source)] @ weight, expected, rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=30, deadline=None)

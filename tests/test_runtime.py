@@ -20,7 +20,8 @@ from pipeline.arch import ARCHES, layer_name
 from pipeline.cli import app
 from pipeline.errors import InputError
 from pipeline.gptq.checkpoint import read_checkpoint
-from pipeline.gptq.layer import dequantize
+from pipeline.gptq.layer import dequantize, select
+from pipeline.plan import local_sort_row_layer
 from pipeline.rankfolder import rank_file, read_manifest, read_rank
 from pipeline.reference import reference_model
 from pipeline.runtime.comm import Comm, ThreadGroup
@@ -190,18 +191,29 @@ def test_mode_layouts_over_the_same_files(tiny_checkpoint, engine):
 
 
 def test_kernel_linear_wiring_matches_exact_path():
-    """The layer handed to `plugins.ops.w4a16_linear` (packed v2 tensors, in_perm, g_idx only when groups are not
-    contiguous, bias) computes what the exact path does; the op's CPU reference stands in for the GPU kernel."""
+    """The layer handed to `plugins.ops.w4a16_linear` (packed v2 tensors, in_perm, bias; groups padded whole where a
+    shard cuts them) computes what the exact path does; the op's CPU reference stands in for the GPU kernel."""
     ops = pytest.importorskip("plugins.ops")
     from pipeline.synth import synth_layer
+    from plugins.layout import GROUP_SIZES
 
     gen = torch.Generator().manual_seed(3)
-    for desc_act in (False, True):
-        layer = synth_layer(128, 64, 32, sym=False, generator=gen, desc_act=desc_act, bias=True)
-        in_perm = torch.randperm(128, generator=gen)
+    act_order = synth_layer(1024, 64, 128, sym=False, generator=gen, desc_act=True, bias=True)
+    local_sort = local_sort_row_layer(act_order.g_idx, 2, "test")  # rank 0's half: part of nearly every group
+    cases = [  # (layer, in_perm, rows the kernel multiplies)
+        (synth_layer(128, 64, 32, sym=False, generator=gen, bias=True), torch.randperm(128, generator=gen), 128),
+        (act_order, torch.randperm(1024, generator=gen), 1024),  # whole groups in act order: reordered, no padding
+        (select(act_order, local_sort.rows[0], torch.arange(64)), local_sort.in_perm[0], None),
+    ]
+    for layer, in_perm, rows in cases:
         kernel = kernel_linear(ops.w4a16_linear, layer, in_perm, torch.float32, "cpu")
-        assert (kernel.g_idx is None) == (not desc_act)
-        x = torch.randn(2, 3, 128, generator=gen)
+        kernel_rows = kernel.weights["qweight"].shape[0] * 8
+        assert kernel.group_size in GROUP_SIZES
+        if rows is None:  # padded: blocks of 64 add about half of the 512 rows, where 128 would double them
+            assert layer.in_features < kernel_rows < 2 * layer.in_features
+        else:
+            assert kernel_rows == rows
+        x = torch.randn(2, 3, layer.in_features, generator=gen)
         torch.testing.assert_close(kernel(x), Linear.from_quant(layer, in_perm, torch.float32)(x))
 
 

@@ -66,8 +66,7 @@ def _run_case(kernel, m, k, n, group_size, dtype, variant, config):
     """One kernel launch on fresh random data against the fp64 reference."""
     gen, seed = _generator()
     weights, g_idx = random_layer(k, n, group_size, generator=gen, act_order="gidx" in variant)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    perm = torch.randperm(k, generator=gen) if "perm" in variant else None
+    x, perm = _input(m, k, dtype, variant, gen)
     ref = reference(x, weights, group_size, perm, g_idx)
     dev = {name: t.to(DEVICE) for name, t in weights.items()}
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
@@ -82,13 +81,24 @@ def _run_case(kernel, m, k, n, group_size, dtype, variant, config):
     return out
 
 
+def _input(m: int, k: int, dtype: torch.dtype, variant: str, gen: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """X and the input permutation of a variant: "perm" gathers a permutation of X's K columns; "narrow" gathers K
+    columns, repeats included, from a narrower X, as a layer padded to whole groups does."""
+    width = k * 3 // 4 if variant == "narrow" else k
+    x = torch.randn(m, width, generator=gen).to(dtype)
+    if variant == "narrow":
+        return x, torch.randint(width, (k,), generator=gen)
+    return x, torch.randperm(k, generator=gen) if "perm" in variant else None
+
+
 def _config(kernel, path: str, split_k: int = 1, prefetch: bool = False):
     if path == "fma":  # CUDA cores, one row of X per program
         return kernel.Config(1, 64, 256, split_k, False, prefetch, 4, 3)
     return kernel.Config(16, 64, 128, split_k, True, prefetch, 4, 3)
 
 
-@pytest.mark.parametrize("variant", ["contig", "perm", "gidx"])
+@pytest.mark.parametrize("variant", ["contig", "perm", "narrow", "gidx"])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", ["fma", "dot"])
@@ -109,15 +119,16 @@ def test_fma_small_m_reuses_nibbles_across_rows(kernel, variant, prep_x):
     _run_case(kernel, 6, 960, 64, 64, torch.float16, variant, config)
 
 
-@pytest.mark.parametrize("k, group_size", [(960, 64), (896, 128)])
+@pytest.mark.parametrize("k, group_size, block_k", [(960, 64, 64), (896, 128, 64), (480, 32, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["contig", "perm"])
-def test_dot_with_prepared_x(kernel, variant, dtype, k, group_size):
+def test_dot_with_prepared_x(kernel, variant, dtype, k, group_size, block_k):
     """The dot path reads X prepared by its own kernel (gathered into the tile's K order, bf16 pre-scaled, row sums
     per K step, zero-padded) and loads scales, zeros and row sums a step ahead: M = 17 pads the second M block; the
-    K step (64) is one group or half of one; 3 splits of 4-5 steps; the prep kernel's 1024-column programs cover K
-    only partly."""
-    config = kernel.Config(16, 64, 64, 3, True, False, 4, 3)
+    K step is one group or half of one (32 rows for group 32, the tuner's tile for it); 3 splits of 4-5 steps; the
+    prep kernel's 1024-column programs cover K only partly."""
+    config = kernel.Config(16, 64, block_k, 3, True, False, 4, 3)
+    assert not config.dequantizes(group_size, False)
     _run_case(kernel, 17, k, 64, group_size, dtype, variant, config)
 
 
@@ -242,11 +253,15 @@ def test_tuning_candidates_and_cache_file(tmp_path, monkeypatch):
         assert {c.block_m for c in fma} == {tuning.m_bucket(m)} and {c.prep_x for c in fma} == {False, True}
         assert not any(c.prep_x for c in tuning.candidates(m, 4096, 4096, 132, permuted=True))
     assert all(c.use_dot and not c.prep_x for c in tuning.candidates(8, 4096, 4096, 132))
+    # group 32 (a layer padded to whole 32-row groups, or a g32 checkpoint) gets tensor-core tiles whose K step is one
+    # group: otherwise the dot path would only take its dequantizing step, weight by weight
+    assert any(c.use_dot and not c.dequantizes(32, False) for c in tuning.candidates(16, 4096, 4096, 132))
     stream_k = [c for c in tuning.candidates(16, 28672, 8192, 132) if c.programs]  # 224 tiles of 128 columns
     assert stream_k and all(c.use_dot and c.programs % 132 == 0 for c in stream_k)
     assert all(c.grid(16, 28672, 8192)[0] == c.programs > c.grid(16, 28672, 8192)[1] for c in stream_k)
     # 8 tiles of 128 columns x 64 K steps = 512 iterations: 4 programs per SM (528) would leave some without one
-    assert {c.programs for c in tuning.candidates(16, 1024, 8192, 132) if c.block_n == 128 and c.programs} == {264, 396}
+    assert {c.programs for c in tuning.candidates(16, 1024, 8192, 132)
+            if c.block_n == c.block_k == 128 and c.programs} == {264, 396}
     key = tuning.cache_key("card A", "contig", torch.float16, 128, 3, 4096, 4096)
     tuning._CACHE[key] = w4a16.Config(4, 64, 128, 2, False, True, 4, 3, prep_x=True)
     other = {"card B|contig|float16|g128|m1|n8|k8": w4a16.Config(1, 64, 128, 1, False, False, 4, 3)}
@@ -298,12 +313,11 @@ def test_to_kernel_layout_validates():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("variant", ["contig", "perm", "gidx"])
+@pytest.mark.parametrize("variant", ["contig", "perm", "narrow", "gidx"])
 def test_op_cpu_is_the_reference(dtype, variant):
     gen, seed = _generator()
     weights, g_idx = random_layer(256, 48, 32, generator=gen, act_order=variant == "gidx")
-    x = torch.randn(3, 256, generator=gen).to(dtype)
-    perm = torch.randperm(256, generator=gen) if variant == "perm" else None
+    x, perm = _input(3, 256, dtype, variant, gen)
     out = torch.ops.tpaware.w4a16_gemm(
         x, weights["qweight"], weights["qzeros"], weights["scales"], 32, perm, g_idx
     )
@@ -339,13 +353,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
+@pytest.mark.parametrize("variant", ["perm", "narrow"])
 @pytest.mark.parametrize("m", [1, 2, 16, 64, 65])
-def test_cuda_op_matches_fp64(m):
+def test_cuda_op_matches_fp64(m, variant):
     """The op end to end on CUDA: tuned Triton kernel for M <= 64, dequantize + cuBLAS above."""
     gen, seed = _generator()
     weights, _ = random_layer(1024, 512, 128, generator=gen)
-    x = torch.randn(m, 1024, generator=gen).to(torch.float16)
-    perm = torch.randperm(1024, generator=gen)
+    x, perm = _input(m, 1024, torch.float16, variant, gen)
     out = w4a16_linear(x.cuda(), {k: t.cuda() for k, t in weights.items()}, 128, in_perm=perm.cuda())
     assert relative_error(out.cpu(), reference(x, weights, 128, perm)) < TOL[torch.float16], seed
 
@@ -453,7 +467,7 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 @hopper
 @pytest.mark.parametrize(("split", "warpgroups"), [(1, 1), (2, 1), (3, 1), (1, 2), (3, 2)])
-@pytest.mark.parametrize("variant", ["contig", "perm"])
+@pytest.mark.parametrize("variant", ["contig", "perm", "narrow"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 5, 16, 20])
 def test_warp_specialized_kernel_matches_fp64(kernel, m, dtype, variant, split, warpgroups):

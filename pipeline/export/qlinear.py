@@ -30,7 +30,7 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.export.graph import MS_DOMAIN, GraphBuilder
-from pipeline.gptq.layer import QuantLinear
+from pipeline.gptq.layer import QuantLinear, pad_groups
 
 TRT_BLOCKS = (128, 64)  # TensorRT's INT4 block sizes, largest first
 SYMMETRIC_ZERO = 8
@@ -44,7 +44,7 @@ class SlotLayout:
     padding slot that reads a zero.
     """
 
-    q: torch.Tensor  # uint8 [S, N]; padding rows hold SYMMETRIC_ZERO (an INT4 zero after the shift)
+    q: torch.Tensor  # uint8 [S, N]; padding rows hold their group's zero point (and read a zero input)
     scales: torch.Tensor  # float32 [S / block, N]
     zeros: torch.Tensor  # uint8 [S / block, N]
     source: torch.Tensor  # int64 [S]
@@ -81,30 +81,10 @@ def block_size(layer: QuantLinear) -> int:
 
 
 def slot_layout(layer: QuantLinear, in_perm: torch.Tensor | None, block: int) -> SlotLayout:
-    """Lay the stored rows of `layer` out in slots of whole blocks per group (pure function).
-
-    Stored row k multiplies input column `in_perm[k]` (or k) and belongs to group `g_idx[k]`. Groups keep their order
-    and their rows' stored order; each is padded to a multiple of `block` rows.
-    """
-    k, n = layer.q.shape
-    source_col = torch.arange(k) if in_perm is None else in_perm.long()
-    g_idx = layer.g_idx.long()
-    groups = layer.scales.shape[0]
-    counts = torch.bincount(g_idx, minlength=groups)
-    blocks_per_group = (counts + block - 1) // block
-    slot_start = torch.cumsum(blocks_per_group * block, 0) - blocks_per_group * block
-    row_start = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(g_idx, stable=True)
-    g_sorted = g_idx[order]
-    slot = slot_start[g_sorted] + torch.arange(k) - row_start[g_sorted]
-    total = int(blocks_per_group.sum()) * block
-    q = torch.full((total, n), SYMMETRIC_ZERO, dtype=torch.uint8)
-    q[slot] = layer.q[order]
-    source = torch.full((total,), k, dtype=torch.long)
-    source[slot] = source_col[order]
-    block_group = torch.repeat_interleave(torch.arange(groups), blocks_per_group)
-    return SlotLayout(q=q, scales=layer.scales[block_group].float(), zeros=layer.zeros[block_group], source=source,
-                      block=block, in_features=k)
+    """Lay the stored rows of `layer` out in slots of whole blocks per group (`pad_groups`), fp32 scales."""
+    padded, source = pad_groups(layer, in_perm, block)
+    return SlotLayout(q=padded.q, scales=padded.scales.float(), zeros=padded.zeros, source=source, block=block,
+                      in_features=layer.in_features)
 
 
 def dequantize_slots(layout: SlotLayout, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -70,3 +70,35 @@ def select(layer: QuantLinear, rows: torch.Tensor, cols: torch.Tensor, keep_bias
         bias=None if bias is None else bias.contiguous(),
     )
 
+
+
+def pad_groups(layer: QuantLinear, in_perm: torch.Tensor | None, block: int) -> tuple[QuantLinear, torch.Tensor]:
+    """`layer` with each group's rows padded to whole blocks of `block` rows, and the input column each row reads.
+
+    A row-parallel shard split in checkpoint order (local-sort) holds part of nearly every group, so its groups are
+    neither contiguous nor `group_size` rows; kernels and formats with uniform blocks take it once every group owns
+    whole blocks. Stored row k reads input column `in_perm[k]` (or k); groups keep their order and their rows their
+    stored order. A padding row holds its group's zero point in every column, so it dequantizes to exactly 0, and
+    reads column `in_features` (past the input: the caller gathers a zero there, or any column). The result has whole
+    groups of `block` rows; the second tensor (int64 [rows]) is the input column of each of its rows.
+    """
+    k, device = layer.in_features, layer.q.device
+    source_col = torch.arange(k, device=device) if in_perm is None else in_perm.to(device, torch.long)
+    g_idx = layer.g_idx.long()
+    groups = layer.scales.shape[0]
+    counts = torch.bincount(g_idx, minlength=groups)
+    blocks_per_group = (counts + block - 1) // block
+    slot_start = torch.cumsum(blocks_per_group * block, 0) - blocks_per_group * block
+    row_start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(g_idx, stable=True)
+    g_sorted = g_idx[order]
+    slot = slot_start[g_sorted] + torch.arange(k, device=device) - row_start[g_sorted]
+    block_group = torch.repeat_interleave(torch.arange(groups, device=device), blocks_per_group)
+    zeros = layer.zeros[block_group]
+    q = zeros.repeat_interleave(block, dim=0)  # padding: the zero point
+    q[slot] = layer.q[order]
+    source = torch.full((q.shape[0],), k, dtype=torch.long, device=device)
+    source[slot] = source_col[order]
+    padded = QuantLinear(q=q, zeros=zeros, scales=layer.scales[block_group],
+                         g_idx=(torch.arange(q.shape[0], device=device) // block).to(torch.int32), group_size=block, bias=layer.bias)
+    return padded, source
