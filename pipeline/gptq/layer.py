@@ -71,7 +71,6 @@ def select(layer: QuantLinear, rows: torch.Tensor, cols: torch.Tensor, keep_bias
     )
 
 
-
 def pad_groups(layer: QuantLinear, in_perm: torch.Tensor | None, block: int) -> tuple[QuantLinear, torch.Tensor]:
     """`layer` with each group's rows padded to whole blocks of `block` rows, and the input column each row reads.
 
@@ -99,6 +98,7 @@ def pad_groups(layer: QuantLinear, in_perm: torch.Tensor | None, block: int) -> 
     q[slot] = layer.q[order]
     source = torch.full((q.shape[0],), k, dtype=torch.long, device=device)
     source[slot] = source_col[order]
-    padded = QuantLinear(q=q, zeros=zeros, scales=layer.scales[block_group],
-                         g_idx=(torch.arange(q.shape[0], device=device) // block).to(torch.int32), group_size=block, bias=layer.bias)
+    g_idx = (torch.arange(q.shape[0], device=device) // block).to(torch.int32)
+    padded = QuantLinear(q=q, zeros=zeros, scales=layer.scales[block_group], g_idx=g_idx, group_size=block,
+                         bias=layer.bias)
     return padded, source

@@ -141,11 +141,11 @@ def kernel_groups(layer: QuantLinear, in_perm: torch.Tensor | None) -> tuple[Qua
 
     counts = torch.bincount(layer.g_idx.long())
 
-    def time(block: int) -> float:  # per output column: int4 rows, fp16 scales and int4 zeros per block
+    def cost(block: int) -> float:  # bytes per output column (int4 rows, fp16 scales and int4 zeros) over speed
         rows = int(((counts + block - 1) // block * block).sum())
         return (rows / 2 + rows / block * 2.5) / GROUP_SPEED[block]
 
-    padded, source = pad_groups(layer, in_perm, min(GROUP_SPEED, key=time))
+    padded, source = pad_groups(layer, in_perm, min(GROUP_SPEED, key=cost))
     return padded, torch.where(source < layer.in_features, source, 0)
 
 
