@@ -1,5 +1,5 @@
-"""RMSNorm, rotary embedding and the gated MLP's SiLU-and-multiply as one Triton kernel each, for the decode step's
-glue around the GEMMs.
+"""RMSNorm (alone, or after the residual add), rotary embedding and the gated MLP's SiLU-and-multiply as one Triton
+kernel each, for the decode step's glue around the GEMMs.
 
 At batch 1 a decode step is mostly small kernels: a 2-layer Llama-70B-shaped step at tp=1 on H100 launched 109, of
 which 14 were GEMMs (benchmarks/decode_h100x2.md as of commit aebe954).  PyTorch runs an fp16 RMSNorm as five (to
@@ -8,7 +8,8 @@ negation, a concatenation, a sum), and silu(gate) * up as two, each a launch and
 one pass: read once, compute in fp32, write once.
 
 Numerics: `rms_norm` rounds where PyTorch's sequence does (the normalised row to the activations' dtype, then the
-product with the weight), so it matches it up to the last bit of an fp32 reciprocal square root; `rope` computes
+product with the weight), so it matches it up to the last bit of an fp32 reciprocal square root (`add_rms_norm` rounds
+the sum first, as the add does); `rope` computes
 x cos + rotate_half(x) sin in fp32 and rounds once (PyTorch's fp16 ops round three times), so it is the more exact;
 so is `silu_mul` (one rounding where PyTorch's two ops round twice).
 """
@@ -23,16 +24,37 @@ ROPE_HEADS = 8  # heads per `_rope_kernel` program
 
 
 @triton.jit
+def _rms_norm_row(x, w_ptr, offs, mask, H, eps, dtype: tl.constexpr):
+    """One row's (x / rms(x)) rounded to `dtype`, times w (rounded again); x in fp32, zero past H."""
+    scale = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+    normed = (x * scale).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return (normed * w).to(dtype)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, H, stride_x, stride_o, eps, BLOCK: tl.constexpr):
-    """Row `program_id` of out = (x / rms(x)) rounded to x's dtype, times w (rounded again)."""
+    """Row `program_id` of out = RMSNorm(x) (`_rms_norm_row`)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
-    normed = (x * scale).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + offs, _rms_norm_row(x, w_ptr, offs, mask, H, eps, out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, H, stride_x, stride_d, eps, BLOCK: tl.constexpr):
+    """Row `program_id` of sum = x + d, rounded to the dtype (as PyTorch's add rounds), and out = RMSNorm(sum)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+    total = (x + d).to(sum_ptr.dtype.element_ty)
+    tl.store(sum_ptr + row * H + offs, total, mask=mask)
+    tl.store(out_ptr + row * H + offs,
+             _rms_norm_row(total.to(tl.float32), w_ptr, offs, mask, H, eps, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +70,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     block = triton.next_power_of_2(h)
     _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, h, rows.stride(0), h, eps, BLOCK=block,
-                                       num_warps=max(1, min(16, block // 512)))
+                                       num_warps=_norm_warps(block))
     return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, RMSNorm(x + delta)) for x and delta of one shape and dtype: a decoder layer's residual update and
+    the norm the next block reads, in one pass where PyTorch launches the add and then the norm."""
+    if x.shape != delta.shape or x.dtype != delta.dtype:
+        raise ValueError(f"add_rms_norm takes x and delta of one shape and dtype, got {tuple(x.shape)} {x.dtype} "
+                         f"and {tuple(delta.shape)} {delta.dtype}")
+    h = x.shape[-1]
+    x_rows, d_rows = _rows(x), _rows(delta)
+    total, out = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2))
+    block = triton.next_power_of_2(h)
+    _add_rms_norm_kernel[(x_rows.shape[0],)](x_rows, d_rows, weight, total, out, h, x_rows.stride(0),
+                                             d_rows.stride(0), eps, BLOCK=block, num_warps=_norm_warps(block))
+    return total, out
+
+
+def _norm_warps(block: int) -> int:
+    return max(1, min(16, block // 512))
 
 
 @triton.jit

@@ -53,6 +53,29 @@ def test_rms_norm_matches_fp64_rounded_where_pytorch_rounds(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1, 200), (2, 5, 256)])
+def test_add_rms_norm_rounds_the_sum_then_matches_rms_norm(dtype, shape):
+    """The residual update and the next norm in one kernel: the sum exactly as PyTorch's add rounds it, its norm as
+    `rms_norm` computes it (both outputs fresh tensors, every element checked); delta a strided view, as a slice of a
+    wider tensor is."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    h = shape[-1]
+    x = (4 * torch.randn(*shape, generator=gen)).to(dtype)
+    delta = torch.randn(*shape[:-1], h + 8, generator=gen).to(dtype)[..., :h]
+    weight = (1 + 0.1 * torch.randn(h, generator=gen)).to(dtype)
+    total, out = fused.add_rms_norm(x.to(DEVICE), delta.to(DEVICE), weight.to(DEVICE), 1e-5)
+    if DEVICE == "cuda" or dtype == torch.float16:  # PyTorch adds in fp32 and rounds once, as the kernel does
+        assert torch.equal(total.cpu(), x + delta)
+    else:  # Triton's interpreter truncates fp32 to bf16 where the GPU rounds to nearest: one unit in the last place
+        _within_ulps(total, (x + delta).double(), dtype, ulps=1.0)
+    s64 = total.cpu().double()  # the norm of the sum as stored
+    want = (s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).double() * weight.double()
+    _within_ulps(out, want, dtype, ulps=2.0)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        fused.add_rms_norm(x, x[..., :-1], weight, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,heads,t,d", [(1, 10, 1, 64), (2, 3, 5, 96)])
 def test_rope_of_a_strided_view_matches_fp64(dtype, batch, heads, t, d):
     """q as the model gets it: a transposed view of the fused q/k/v output, heads not a multiple of the kernel's
@@ -104,14 +127,14 @@ def test_rope_refuses_an_odd_head_size():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_model_with_fused_kernels_gives_pytorchs_logits(dtype, tiny_checkpoint, tmp_path, monkeypatch):
-    """The tiny Llama at tp=1, prefill then a decode step: every norm, both rotations and the gated MLP's SiLU through
-    the kernels (forced on the CPU, where the model would keep PyTorch's ops) against the model without them."""
+    """The tiny Llama at tp=1, prefill then a decode step: every norm (all but the first after its residual add), both
+    rotations and the gated MLP's SiLU through the kernels (forced on the CPU, where the model would keep PyTorch's ops) against the model without them."""
     convert(tiny_checkpoint("llama"), 1, tmp_path / "engine")
     comm = ThreadGroup(1).comm(0)
     with_kernels = load_rank_model(tmp_path / "engine", comm, dtype, DEVICE)
     without = load_rank_model(tmp_path / "engine", comm, dtype, DEVICE, kernel=False)
     assert with_kernels.fused is not None and without.fused is None
-    calls = {"rms_norm": 0, "rope": 0, "silu_mul": 0}
+    calls = {"rms_norm": 0, "add_rms_norm": 0, "rope": 0, "silu_mul": 0}
 
     def counted(name):
         real = getattr(fused, name)
@@ -127,5 +150,5 @@ def test_model_with_fused_kernels_gives_pytorchs_logits(dtype, tiny_checkpoint, 
     ids = torch.randint(0, with_kernels.lm_head.shape[0], (2, 6), generator=torch.Generator().manual_seed(0))
     got, want = with_kernels(ids.to(DEVICE)).double(), without(ids.to(DEVICE)).double()
     layers = with_kernels.dims.layers
-    assert calls == {"rms_norm": 2 * layers + 1, "rope": 2 * layers, "silu_mul": layers}
+    assert calls == {"rms_norm": 1, "add_rms_norm": 2 * layers, "rope": 2 * layers, "silu_mul": layers}
     assert ((got - want).norm() / want.norm()).item() < 4 * ULP[dtype]

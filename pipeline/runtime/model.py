@@ -133,11 +133,12 @@ class Transformer:
         if self.arch.positions:
             x = x + self.dense[f"{self.arch.positions}.weight"][positions]
         step = self.step(positions, cache, x.dtype)
-        for i in range(self.dims.layers):
-            x = x + self.comm.all_reduce(self.attention(i, self.norm(i, 0, x), step))
-            x = x + self.comm.all_reduce(self.mlp(i, self.norm(i, 1, x)))
+        h = self.norm(0, 0, x)
+        for i in range(self.dims.layers):  # x: the residual stream; h: its norm, the input of the next block
+            x, h = self.add_norm(x, self.comm.all_reduce(self.attention(i, h, step)), self.norm_name(i, 1))
+            x, h = self.add_norm(x, self.comm.all_reduce(self.mlp(i, h)), self.norm_name(i + 1, 0))
         cache.advance(ids.shape[1])
-        return self._norm(self.arch.final_norm, x) @ self.lm_head.T
+        return h @ self.lm_head.T
 
     def step(self, positions: torch.Tensor, cache: Cache, dtype: torch.dtype) -> Step:
         """What every layer's attention shares in one forward, computed once (a decode step is mostly small kernels):
@@ -151,8 +152,19 @@ class Transformer:
         """Whether `x` goes through the fused kernels: a GPU tensor in fp16/bf16, with the kernels on."""
         return self.fused is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
+    def norm_name(self, i: int, which: int) -> str:
+        """Layer i's norm before attention (0) or before the MLP (1); past the last layer, the final norm."""
+        return self.arch.final_norm if i == self.dims.layers else layer_name(self.arch, i, self.arch.norms[which])
+
     def norm(self, i: int, which: int, x: torch.Tensor) -> torch.Tensor:
-        return self._norm(layer_name(self.arch, i, self.arch.norms[which]), x)
+        return self._norm(self.norm_name(i, which), x)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream plus a block's output, and the norm `name` of the sum: one kernel where they fuse."""
+        if self.arch is not GPT_BIGCODE and self._fuses(x):
+            return self.fused.add_rms_norm(x, delta, self.dense[f"{name}.weight"], self.rms_eps)
+        x = x + delta
+        return x, self._norm(name, x)
 
     def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm or RMSNorm, computed in at least fp32 (as HF does): a squared fp16 activation overflows."""
@@ -161,10 +173,13 @@ class Transformer:
             wide, eps = x.to(_at_least_fp32(x.dtype)), self.config.get("layer_norm_epsilon", 1e-5)
             bias = self.dense[f"{name}.bias"]
             return F.layer_norm(wide, (x.shape[-1],), weight.to(wide.dtype), bias.to(wide.dtype), eps).to(x.dtype)
-        eps = self.config.get("rms_norm_eps", 1e-6)
         if self._fuses(x):
-            return self.fused.rms_norm(x, weight, eps)
-        return F.rms_norm(x.to(_at_least_fp32(x.dtype)), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+            return self.fused.rms_norm(x, weight, self.rms_eps)
+        return F.rms_norm(x.to(_at_least_fp32(x.dtype)), (x.shape[-1],), eps=self.rms_eps).to(x.dtype) * weight
+
+    @property
+    def rms_eps(self) -> float:
+        return self.config.get("rms_norm_eps", 1e-6)
 
     def linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.linears[layer_name(self.arch, i, name)](x)
