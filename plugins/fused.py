@@ -9,9 +9,8 @@ one pass: read once, compute in fp32, write once.
 
 Numerics: `rms_norm` rounds where PyTorch's sequence does (the normalised row to the activations' dtype, then the
 product with the weight), so it matches it up to the last bit of an fp32 reciprocal square root (`add_rms_norm` rounds
-the sum first, as the add does); `rope` computes
-x cos + rotate_half(x) sin in fp32 and rounds once (PyTorch's fp16 ops round three times), so it is the more exact;
-so is `silu_mul` (one rounding where PyTorch's two ops round twice).
+the sum first, as the add does); `rope` computes x cos + rotate_half(x) sin in fp32 and rounds once (PyTorch's fp16
+ops round three times), so it is the more exact; so is `silu_mul` (one rounding where PyTorch's two ops round twice).
 """
 
 from __future__ import annotations
@@ -91,6 +90,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 
 
 def _norm_warps(block: int) -> int:
+    """Warps for one row of `block` elements: one per 512, 1 to 16."""
     return max(1, min(16, block // 512))
 
 
