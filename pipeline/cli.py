@@ -138,8 +138,10 @@ def run(
     kernel: Annotated[bool, typer.Option(help=_KERNEL_HELP)] = True,
     timeout: Annotated[float, typer.Option(help="Seconds before every rank is stopped.")] = 600.0,
 ) -> None:
-    """Greedy generation at the folder's tp, one process per rank; prints the tokens, the time per decode step (on
-    GPUs each step replays one CUDA graph) and the collectives issued."""
+    """Greedy generation at the folder's tp, one process per rank.
+
+    Prints the tokens, the time per decode step (on GPUs each step replays one CUDA graph) and the collectives
+    issued."""
     from pipeline.rankfolder import read_manifest
     from pipeline.runtime.generate import parse_ids, tokenizer
     from pipeline.runtime.launch import RankSetup, dtype_of, generate
@@ -363,31 +365,36 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("mlp", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_mlp(ctx: typer.Context) -> None:
-    """MLP latency, naive vs local-sort vs TP-aware vs dense fp16: runs scripts/bench_mlp.py with these arguments
-    (see `python scripts/bench_mlp.py --help`)."""
+    """MLP latency, naive vs local-sort vs TP-aware vs dense fp16.
+
+    Runs scripts/bench_mlp.py with these arguments (see `python scripts/bench_mlp.py --help`)."""
     _bench_script("bench_mlp.py", ctx.args)
 
 
 @bench_app.command("gemm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_gemm(ctx: typer.Context) -> None:
-    """The W4A16 kernel alone at Llama-70B / Granite-20B shards vs fp16 cuBLAS and PyTorch's int4 kernel, on one
-    GPU: runs scripts/bench_gemm.py with these arguments (see `python scripts/bench_gemm.py --help`; `--check`
-    verifies every shape against fp64 first)."""
+    """The W4A16 kernel alone at Llama-70B / Granite-20B shards vs fp16 cuBLAS and PyTorch's int4 kernel, one GPU.
+
+    Runs scripts/bench_gemm.py with these arguments (see `python scripts/bench_gemm.py --help`; `--check` verifies
+    every shape against fp64 first)."""
     _bench_script("bench_gemm.py", ctx.args)
 
 
 @bench_app.command("decode", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_decode(ctx: typer.Context) -> None:
-    """Time per generated token of a Llama-70B-shaped model cut to a few layers, decode step in a CUDA graph:
-    tpaware vs naive vs local-sort vs dense fp16; runs scripts/bench_decode.py with these arguments
-    (see `python scripts/bench_decode.py --help`; `--device cpu` checks the modes without a GPU)."""
+    """Time per generated token of a Llama-70B-shaped model cut to a few layers, in every mode.
+
+    The decode step runs in a CUDA graph: tpaware vs naive vs local-sort vs dense fp16. Runs scripts/bench_decode.py
+    with these arguments (see `python scripts/bench_decode.py --help`; `--device cpu` checks the modes without a
+    GPU)."""
     _bench_script("bench_decode.py", ctx.args)
 
 
 @bench_app.command("allreduce", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_allreduce(ctx: typer.Context) -> None:
-    """All-reduce latency of decode-sized fp16 tensors in CUDA graphs, NCCL vs PyTorch's one-shot vs tpaware's
-    (the runtime's default); runs scripts/bench_allreduce.py with these arguments (needs 2+ GPUs)."""
+    """All-reduce latency of decode-sized fp16 tensors: NCCL vs PyTorch's one-shot vs tpaware's (the default).
+
+    In CUDA graphs; runs scripts/bench_allreduce.py with these arguments (needs 2+ GPUs)."""
     _bench_script("bench_allreduce.py", ctx.args)
 
 
@@ -415,8 +422,9 @@ def serve(
     dtype: Annotated[str, typer.Option(help=_SERVE_DTYPE_HELP)] = "float32",
     exit_timeout: Annotated[int, typer.Option(help="Seconds Triton lets requests finish on shutdown.")] = 30,
 ) -> None:
-    """Triton Inference Server (bundled in nvidia-pytriton, run from .venv-serve) serving the model 'tpaware' with
-    every TP rank; Ctrl-C or SIGTERM stops it and all its processes."""
+    """Triton Inference Server serving the model 'tpaware' with every TP rank; Ctrl-C or SIGTERM stops it.
+
+    The server is the one bundled in nvidia-pytriton, run from .venv-serve; stopping it stops all its processes."""
     from pipeline.rankfolder import read_manifest
     from pipeline.serve.frontend import Settings
     from pipeline.serve.server import Ports, serve as serve_stage
@@ -437,8 +445,10 @@ def triton_repo(
     device: Annotated[str, typer.Option(help=_SERVE_DEVICE_HELP)] = "cpu",
     dtype: Annotated[str, typer.Option(help=_SERVE_DTYPE_HELP)] = "float32",
 ) -> None:
-    """A standalone Triton model repository (Python backend model.py, config.pbtxt, the code and the engine) for any
-    `tritonserver --model-repository OUT` whose Python has torch, numpy and safetensors."""
+    """A standalone Triton model repository for any `tritonserver --model-repository OUT`.
+
+    It holds the Python backend's model.py, config.pbtxt, the code and the engine; the server's Python needs torch,
+    numpy and safetensors."""
     from pipeline.serve.frontend import Settings
     from pipeline.serve.repository import write_repository
 
