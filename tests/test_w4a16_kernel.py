@@ -325,6 +325,18 @@ def test_op_cpu_is_the_reference(dtype, variant):
     assert relative_error(out, reference(x, weights, 32, perm, g_idx)) < TOL[dtype], seed
 
 
+def test_op_refuses_an_input_that_does_not_fit_the_weight():
+    """Without a gather X must have the weight's K columns; with one, the gather must give one column per weight row
+    (X's own width is then free: `narrow`)."""
+    gen, _ = _generator()
+    weights, _ = random_layer(256, 48, 32, generator=gen)
+    args = (weights["qweight"], weights["qzeros"], weights["scales"], 32)
+    with pytest.raises(ValueError, match="x has K=200 but qweight holds K=256"):
+        torch.ops.tpaware.w4a16_gemm(torch.randn(3, 200), *args)
+    with pytest.raises(ValueError, match="in_perm has shape"):
+        torch.ops.tpaware.w4a16_gemm(torch.randn(3, 256), *args, torch.arange(200))
+
+
 def test_opcheck():
     gen, _ = _generator()
     weights, g_idx = random_layer(128, 32, 32, generator=gen, act_order=True)
