@@ -22,11 +22,11 @@ import torch
 from pipeline.gptq.int4 import unpack_cols, unpack_rows
 
 NIBBLES = 8  # 4-bit values per int32 word
-GROUP_SIZES = (32, 64, 128)  # rows per group the kernel takes (groups along K, contiguous)
-# The kernel's bytes per µs by group size, relative to 128-row groups: Llama-70B's tp=2 down shard padded to each
-# (`pipeline.runtime.linear.kernel_groups`), 1 x H100, M 1..16: shorter K steps stream less well (plugins/NOTES.md
-# "Session 13").
+# The group sizes the kernel takes (groups along K, contiguous), with its bytes per µs at each relative to 128-row
+# groups: Llama-70B's tp=2 down shard padded to each (`pipeline.runtime.linear.kernel_groups`), 1 x H100, M 1..16:
+# shorter K steps stream less well (plugins/NOTES.md "Session 13").
 GROUP_SPEED = {32: 0.7, 64: 0.8, 128: 1.0}
+GROUP_SIZES = tuple(GROUP_SPEED)
 _FP32_CHUNK_ROWS = 4096  # rows dequantized at once in fp32, bounding the transient memory
 
 

@@ -538,7 +538,8 @@ def w4a16_matmul(
     g_idx: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel on a contiguous [M, K] `x`; returns [M, N] in x's dtype (into `out` if given)."""
+    """Launch the kernel on a contiguous [M, K] `x` (any width when `in_perm` gathers K columns from it); returns
+    [M, N] in x's dtype (into `out` if given)."""
     qweight = weights["qweight"]
     w4a16_ws = gluon_kernel_for(x, weights, group_size, g_idx is not None) if config.warp_specialized else None
     if config.warp_specialized and w4a16_ws is None:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.gptq.checkpoint import pack_layer  # noqa: E402
-from pipeline.gptq.layer import QuantLinear, dequantize, has_whole_groups, select  # noqa: E402
+from pipeline.gptq.layer import QuantLinear, dequantize, select  # noqa: E402
 from pipeline.plan import local_sort_row_layer, mlp_layers  # noqa: E402
 from pipeline.runtime.linear import kernel_groups  # noqa: E402
 from pipeline.synth import act_order_g_idx  # noqa: E402
@@ -102,9 +102,8 @@ def random_layer(k: int, n: int, group_size: int, g_idx: torch.Tensor, gen: torc
 def to_shard(layer: QuantLinear, rows: torch.Tensor, cols: torch.Tensor, in_perm: torch.Tensor | None) -> Shard:
     dev = layer.q.device
     part = select(layer, rows.to(dev), cols.to(dev))
-    in_perm = None if in_perm is None else in_perm.to(dev)
-    if not has_whole_groups(part.g_idx, part.group_size):  # groups cut by the split: padded, as the runtime does
-        part, in_perm = kernel_groups(part, in_perm)
+    # groups cut by a checkpoint-order split (local-sort) padded whole, as the runtime does
+    part, in_perm = kernel_groups(part, None if in_perm is None else in_perm.to(dev))
     packed = pack_layer(part, "gptq_v2")
     return Shard({k: packed[k] for k in ("qweight", "qzeros", "scales")}, part.group_size, in_perm)
 

@@ -117,8 +117,7 @@ def kernel_linear(op: Callable, layer: QuantLinear, in_perm: torch.Tensor | None
     """
     from plugins.layout import to_kernel_layout
 
-    if not has_whole_groups(layer.g_idx, layer.group_size):
-        layer, in_perm = kernel_groups(layer, in_perm)
+    layer, in_perm = kernel_groups(layer, in_perm)
     packed = pack_layer(layer, "gptq_v2")
     try:
         weights = to_kernel_layout(packed["qweight"], packed["qzeros"], packed["scales"], layer.group_size)
@@ -129,8 +128,10 @@ def kernel_linear(op: Callable, layer: QuantLinear, in_perm: torch.Tensor | None
                         None if in_perm is None else in_perm.to(device), bias)
 
 
-def kernel_groups(layer: QuantLinear, in_perm: torch.Tensor | None) -> tuple[QuantLinear, torch.Tensor]:
-    """`layer` padded to whole groups of the kernel's group size that takes the least time, and its input gather.
+def kernel_groups(layer: QuantLinear, in_perm: torch.Tensor | None
+                  ) -> tuple[QuantLinear, torch.Tensor | None]:
+    """`layer` with whole groups, as the kernel takes it, and its input gather: as it is where its groups are whole,
+    else padded to whole groups of the kernel's group size that takes the least time.
 
     Each group's rows are padded to whole blocks (`pad_groups`); a padding row is a zero weight, so it may read any
     input column (column 0). The time is the padded bytes over the kernel's speed at that group size: at tp=2 a
@@ -139,6 +140,8 @@ def kernel_groups(layer: QuantLinear, in_perm: torch.Tensor | None) -> tuple[Qua
     """
     from plugins.layout import GROUP_SPEED
 
+    if has_whole_groups(layer.g_idx, layer.group_size):
+        return layer, in_perm
     counts = torch.bincount(layer.g_idx.long())
 
     def cost(block: int) -> float:  # bytes per output column (int4 rows, fp16 scales and int4 zeros) over speed
