@@ -1,5 +1,5 @@
-"""RMSNorm (alone, or after the residual add), rotary embedding and the gated MLP's SiLU-and-multiply as one Triton
-kernel each, for the decode step's glue around the GEMMs.
+"""RMSNorm (alone, or after the residual add), rotary embedding (alone, or with the KV-cache write) and the gated MLP's
+SiLU-and-multiply as one Triton kernel each, for the decode step's glue around the GEMMs.
 
 At batch 1 a decode step is mostly small kernels: a 2-layer Llama-70B-shaped step at tp=1 on H100 launched 109, of
 which 14 were GEMMs (benchmarks/decode_h100x2.md as of commit aebe954).  PyTorch runs an fp16 RMSNorm as five (to
@@ -95,25 +95,64 @@ def _norm_warps(block: int) -> int:
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, HEADS, T, sx_b, sx_h, sx_t, sx_d,
-                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Rows (b, heads h0..h0+BLOCK_H-1, t) of out [B, HEADS, T, D] (contiguous) = x cos + rotate_half(x) sin, where
+def _rotated(row, stride_d, cos_ptr, sin_ptr, t, mask, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x cos + rotate_half(x) sin in fp32 for the rows at pointers `row` [BLOCK_H, 1] (position t), where
     rotate_half(x) = (-x[D/2:], x[:D/2]) (the HF Llama convention: halves, not interleaved pairs)."""
-    bt = tl.program_id(0)
-    b, t = bt // T, bt % T
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)  # D padded to a power of two
     partner = (d + D // 2) % D
     sign = tl.where(d < D // 2, -1.0, 1.0)
-    mask = (heads < HEADS)[:, None] & (d < D)[None, :]
-    row = x_ptr + b * sx_b + heads[:, None] * sx_h + t * sx_t
-    x = tl.load(row + d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
-    x_partner = tl.load(row + partner[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(row + d[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(row + partner[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
     cos = tl.load(cos_ptr + t * D + d, mask=d < D, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + t * D + d, mask=d < D, other=0.0).to(tl.float32)
-    out = x * cos[None, :] + sign[None, :] * x_partner * sin[None, :]
+    return x * cos[None, :] + sign[None, :] * x_partner * sin[None, :]
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, HEADS, T, sx_b, sx_h, sx_t, sx_d,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rows (b, heads h0..h0+BLOCK_H-1, t) of out [B, HEADS, T, D] (contiguous) = `_rotated` x."""
+    bt = tl.program_id(0)
+    b, t = bt // T, bt % T
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (heads < HEADS)[:, None] & (d < D)[None, :]
+    out = _rotated(x_ptr + b * sx_b + heads[:, None] * sx_h + t * sx_t, sx_d, cos_ptr, sin_ptr, t, mask, D, BLOCK_D)
     offs = ((b * HEADS + heads[:, None]) * T + t) * D + d[None, :]
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_dst_ptr, v_dst_ptr, slot_ptr, HQ, HKV, T,
+                       S, sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rows (b, a block of heads, t) of one of: q_out [B, HQ, T, D] = `_rotated` q; k_dst [B, HKV, S, D] at slot
+    slot[t] = `_rotated` k; v_dst at that slot = v.  The second grid axis runs over q's head blocks, then k's, then
+    v's."""
+    bt = tl.program_id(0)
+    b, t = bt // T, bt % T
+    block = tl.program_id(1)
+    q_blocks, kv_blocks = tl.cdiv(HQ, BLOCK_H), tl.cdiv(HKV, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    if block < q_blocks:
+        heads = block * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = (heads < HQ)[:, None] & (d < D)[None, :]
+        out = _rotated(q_ptr + b * sq_b + heads[:, None] * sq_h + t * sq_t, sq_d, cos_ptr, sin_ptr, t, mask, D,
+                       BLOCK_D)
+        tl.store(q_out_ptr + ((b * HQ + heads[:, None]) * T + t) * D + d[None, :], out.to(q_out_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        heads = ((block - q_blocks) % kv_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = (heads < HKV)[:, None] & (d < D)[None, :]
+        slot = tl.load(slot_ptr + t)
+        dst = ((b * HKV + heads[:, None]) * S + slot) * D + d[None, :]
+        if block < q_blocks + kv_blocks:
+            out = _rotated(k_ptr + b * sk_b + heads[:, None] * sk_h + t * sk_t, sk_d, cos_ptr, sin_ptr, t, mask, D,
+                           BLOCK_D)
+            tl.store(k_dst_ptr + dst, out.to(k_dst_ptr.dtype.element_ty), mask=mask)
+        else:
+            row = v_ptr + b * sv_b + heads[:, None] * sv_h + t * sv_t
+            tl.store(v_dst_ptr + dst, tl.load(row + d[None, :] * sv_d, mask=mask), mask=mask)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,6 +167,31 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tenso
     _rope_kernel[grid](x, cos.contiguous(), sin.contiguous(), out, heads, t, *x.stride(), D=d,
                        BLOCK_D=triton.next_power_of_2(d), BLOCK_H=ROPE_HEADS, num_warps=4)
     return out
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_dst: torch.Tensor, v_dst: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of q and k and the KV-cache write in one kernel, where a decode step otherwise launches four
+    (q's and k's rotation, then the copies of k and v into the cache).
+
+    q [B, Hq, T, D], k and v [B, Hkv, T, D] (any strides: views of the fused q/k/v output); cos and sin [T, D];
+    k_dst and v_dst [B, Hkv, S, D] contiguous (a static cache's layer); slots [T] the cache slot of each new token.
+    Writes rope(k) and v into slots[t] of k_dst and v_dst and returns rope(q) [B, Hq, T, D] (contiguous)."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k_dst.shape[2]
+    if (d % 2 or k.shape != (b, hkv, t, d) or v.shape != k.shape or cos.shape != (t, d) or sin.shape != (t, d)
+            or k_dst.shape != (b, hkv, s, d) or v_dst.shape != k_dst.shape or slots.shape != (t,)):
+        raise ValueError(f"rope_store takes q [B, Hq, T, D] (D even), k and v [B, Hkv, T, D], cos/sin [T, D], k_dst and "
+                         f"v_dst [B, Hkv, S, D] and slots [T], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}, {tuple(cos.shape)}, {tuple(k_dst.shape)}, {tuple(slots.shape)}")
+    if not (k_dst.is_contiguous() and v_dst.is_contiguous()):
+        raise ValueError("rope_store writes into contiguous cache buffers")
+    q_out = torch.empty((b, hq, t, d), dtype=q.dtype, device=q.device)
+    blocks = triton.cdiv(hq, ROPE_HEADS) + 2 * triton.cdiv(hkv, ROPE_HEADS)
+    _rope_store_kernel[(b * t, blocks)](q, k, v, cos.contiguous(), sin.contiguous(), q_out, k_dst, v_dst, slots, hq,
+                                        hkv, t, s, *q.stride(), *k.stride(), *v.stride(), D=d,
+                                        BLOCK_D=triton.next_power_of_2(d), BLOCK_H=ROPE_HEADS, num_warps=4)
+    return q_out
 
 
 @triton.jit

@@ -44,6 +44,11 @@ class Cache(Protocol):
         """Store the new keys and values [B, kv_heads, t, head_dim] at `positions`; return every key and value to
         attend over."""
 
+    def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's key and value buffers [B, kv_heads, S, head_dim], contiguous, where the token at position p
+        goes to slot p, for a kernel that writes them in place (`plugins.fused.rope_store`); None if the cache has
+        none."""
+
     def advance(self, t: int) -> None:
         """Called once per forward, after every layer has stored its t new tokens."""
 
@@ -71,6 +76,9 @@ class KVCache:
             k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
+
+    def buffers(self, layer: int) -> None:
+        """None: a growing cache has no slots to write into."""
 
     def advance(self, t: int) -> None:
         """Nothing to do: the length is that of the stored keys."""
@@ -110,6 +118,9 @@ class StaticKVCache:
         self.values[layer].index_copy_(2, positions, v)
         return self.keys[layer], self.values[layer]
 
+    def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer], self.values[layer]
+
     def advance(self, t: int) -> None:
         self.position += t  # in place: a captured step advances it on every replay
 
@@ -118,8 +129,9 @@ class Transformer:
     def __init__(self, arch: Arch, dims: Dims, config: dict, heads: RankHeads, dense: dict[str, torch.Tensor],
                  linears: dict[str, LinearFn | SplitFn], comm: Comm, masked_o_proj: bool = False,
                  kernels: bool = True):
-        """`kernels`: RMSNorm, RoPE and SiLU-and-multiply of fp16/bf16 activations on a GPU as one Triton kernel each
-        (`plugins.fused`, where Triton imports); False keeps PyTorch's ops everywhere."""
+        """`kernels`: RMSNorm, RoPE (with the KV-cache write, into a static cache) and SiLU-and-multiply of fp16/bf16
+        activations on a GPU as one Triton kernel each (`plugins.fused`, where Triton imports); False keeps PyTorch's
+        ops everywhere."""
         self.arch, self.dims, self.config, self.heads = arch, dims, config, heads
         self.dense, self.linears, self.comm, self.masked_o_proj = dense, linears, comm, masked_o_proj
         self.fused = fused_kernels() if kernels else None
@@ -198,10 +210,15 @@ class Transformer:
         else:
             q, k, v = self.linear_group(i, self.arch.qkv, h)
         q, k, v = (z.view(b, t, -1, d).transpose(1, 2) for z in (q, k, v))
-        if step.rope is not None:
-            rope = self.fused.rope if self._fuses(q) else rotate
-            q, k = rope(q, *step.rope), rope(k, *step.rope)
-        k, v = step.cache.update(i, k, v, step.positions)
+        buffers = step.cache.buffers(i) if step.rope is not None and self._fuses(q) else None
+        if buffers is not None:  # rotate q and k and store k and v in one kernel
+            q = self.fused.rope_store(q, k, v, *step.rope, *buffers, step.positions)
+            k, v = buffers
+        else:
+            if step.rope is not None:
+                rope = self.fused.rope if self._fuses(q) else rotate
+                q, k = rope(q, *step.rope), rope(k, *step.rope)
+            k, v = step.cache.update(i, k, v, step.positions)
         out = attend(q, k, v, step.bias)
         out = out.transpose(1, 2).reshape(b, t, hq * d)
         if self.masked_o_proj:  # the whole o_proj on every rank: place this rank's heads in a zero-filled input
