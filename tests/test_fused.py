@@ -1,5 +1,5 @@
-"""The fused RMSNorm, RoPE (alone and with the KV-cache write) and SiLU-and-multiply kernels (`plugins.fused`) against the PyTorch ops they replace, and
-the model with them.
+"""The fused RMSNorm, RoPE (alone and with the KV-cache write) and SiLU-and-multiply kernels (`plugins.fused`) against
+the PyTorch ops they replace, and the model with them.
 
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py).  Outputs are poisoned with NaN first, inputs
 are fresh random draws, and the references are computed in fp64 and rounded once.
