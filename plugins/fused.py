@@ -181,8 +181,8 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     hkv, s = k.shape[1], k_dst.shape[2]
     if (d % 2 or k.shape != (b, hkv, t, d) or v.shape != k.shape or cos.shape != (t, d) or sin.shape != (t, d)
             or k_dst.shape != (b, hkv, s, d) or v_dst.shape != k_dst.shape or slots.shape != (t,)):
-        raise ValueError(f"rope_store takes q [B, Hq, T, D] (D even), k and v [B, Hkv, T, D], cos/sin [T, D], k_dst and "
-                         f"v_dst [B, Hkv, S, D] and slots [T], got {tuple(q.shape)}, {tuple(k.shape)}, "
+        raise ValueError(f"rope_store takes q [B, Hq, T, D] (D even), k and v [B, Hkv, T, D], cos/sin [T, D], "
+                         f"k_dst and v_dst [B, Hkv, S, D] and slots [T], got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}, {tuple(cos.shape)}, {tuple(k_dst.shape)}, {tuple(slots.shape)}")
     if not (k_dst.is_contiguous() and v_dst.is_contiguous()):
         raise ValueError("rope_store writes into contiguous cache buffers")
