@@ -24,7 +24,8 @@ class Generation:
 class DecodeGraph:
     """One decode step of `model` (one token per sequence) captured in a CUDA graph over a static KV cache.
 
-    A decode step is some 30 small kernels per layer; replayed from a graph they run back to back instead of each
+    A decode step is a chain of small kernels, some 15 per layer (four GEMMs and their input preparations, attention,
+    the all-reduces, the fused norms, rotary and SiLU); replayed from a graph they run back to back instead of each
     waiting for Python and a launch.  Capture only records: run one eager step of the same shape first (it compiles
     and tunes the kernels and sets up the collectives' buffers, none of which may happen inside a capture).  Each call
     copies `tokens` in, replays, and returns the step's logits [B, 1, vocab] (the same tensor every time: clone what
