@@ -102,7 +102,8 @@ def _rope_tables(t: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tu
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch,hq,hkv,t,d", [(1, 10, 2, 1, 64), (2, 4, 4, 3, 96), (1, 17, 9, 2, 32), (1, 16, 8, 8, 128)])
+@pytest.mark.parametrize("batch,hq,hkv,t,d",
+                         [(1, 10, 2, 1, 64), (2, 4, 4, 3, 96), (1, 17, 9, 2, 32), (1, 16, 8, 8, 128)])
 def test_rope_store_rotates_q_and_k_and_writes_only_the_new_slots(dtype, batch, hq, hkv, t, d):
     """q, k and v as the model gets them (transposed views of one fused q/k/v output; head counts that do and do not
     fill the kernel's head block, q's and k's different), new tokens going to scattered, unordered cache slots: q and
