@@ -344,6 +344,23 @@ def test_attention_of_a_cached_step_is_the_softmax_over_visible_keys():
     assert torch.allclose(attend(q, k, v, bias), expected, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("batch,group,t,slots", [(2, 2, 16, 32), (1, 2, 8, 72), (1, 2, 1, 72), (1, 8, 1, 236),
+                                                 (1, 8, 32, 236), (1, 4, 8, 80)])
+def test_attention_on_a_gpu_in_fp16_matches_fp64(batch, group, t, slots):
+    """`attend` in fp16 on CUDA, whichever fused backend PyTorch picks for it, against the same call in fp64 on the CPU
+    (the test above proves that one), at the shapes generation gives it: a prefill of t tokens or a decode step over a
+    static cache of `slots` slots, slot counts that are and are not multiples of 64, 8 kv heads of size 128."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, 8 * group, t, 128, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(batch, 8, slots, 128, dtype=torch.float64, generator=gen) for _ in range(2))
+    positions = torch.arange(t) + 3
+    want = attend(q, k, v, attention_bias(causal_mask(positions, slots), torch.float64, group))
+    bias = attention_bias(causal_mask(positions.cuda(), slots), torch.float16, group)
+    got = attend(q.half().cuda(), k.half().cuda(), v.half().cuda(), bias)
+    assert (got.double().cpu() - want).abs().max().item() < 5e-3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("model_type", ["llama", "gpt_bigcode"])
 def test_greedy_on_a_gpu_replays_one_graph_and_decodes_as_eager_steps_do(model_type, tiny_checkpoint, tmp_path,
