@@ -114,9 +114,10 @@ class StaticKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys[layer].index_copy_(2, positions, k)
-        self.values[layer].index_copy_(2, positions, v)
-        return self.keys[layer], self.values[layer]
+        keys, values = self.buffers(layer)
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
+        return keys, values
 
     def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[layer], self.values[layer]
